@@ -1,0 +1,363 @@
+"""The math of diffusion.py, checked against independent computations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import diffusion as D
+
+
+# -- denoisers with known answers ------------------------------------------------------------
+
+
+class OneImageDenoiser:
+    """The exact eps-predictor when the data set is the single image x_star:
+    eps(x_t, t) = (x_t - sqrt(abar_t) x_star) / sqrt(1 - abar_t). It counts its calls."""
+
+    def __init__(self, diffusion, x_star):
+        self.d, self.x_star, self.calls, self.ts = diffusion, x_star, 0, []
+
+    def __call__(self, x, t, y=None):
+        self.calls += 1
+        self.ts.append(int(t[0]))
+        abar = self.d.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (x - abar.sqrt() * self.x_star) / (1 - abar).sqrt()
+
+
+class GaussianDenoiser:
+    """The exact eps-predictor for data ~ N(mu, s^2 I): x_t ~ N(sqrt(abar) mu, abar s^2 + 1 - abar),
+    so E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar)."""
+
+    def __init__(self, diffusion, mu, s):
+        self.d, self.mu, self.s = diffusion, mu, s
+
+    def __call__(self, x, t, y=None):
+        abar = self.d.alphas_cumprod[t].view(-1, 1, 1, 1).double()
+        x = x.double()
+        eps = (1 - abar).sqrt() * (x - abar.sqrt() * self.mu) / (abar * self.s ** 2 + 1 - abar)
+        return eps.float()
+
+
+def make(timesteps=1000, schedule="cosine"):
+    return D.GaussianDiffusion(lambda x, t, y=None: torch.zeros_like(x), timesteps, schedule)
+
+
+def x_star(shape=(2, 1, 8, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) * 1.6 - 0.8  # inside [-1, 1], away from the clip
+
+
+# -- schedules -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_alphas_cumprod_is_running_product(schedule):
+    d = make(schedule=schedule)
+    betas = D.SCHEDULES[schedule](1000)
+    running = 1.0
+    for t in range(0, 1000, 37):  # a brute-force loop at a sample of timesteps
+        running = np.prod(1 - betas[: t + 1])
+        assert d.alphas_cumprod[t].item() == pytest.approx(running, rel=1e-5)
+    assert torch.all(d.alphas_cumprod[1:] < d.alphas_cumprod[:-1])  # strictly decreasing
+    assert torch.all((d.alphas_cumprod > 0) & (d.alphas_cumprod < 1))
+    assert torch.all((d.betas > 0) & (d.betas < 1))
+    assert d.alphas_cumprod_prev[0] == 1.0
+    assert torch.equal(d.alphas_cumprod_prev[1:], d.alphas_cumprod[:-1])
+
+
+def test_linear_schedule_matches_ddpm_endpoints():
+    betas = D.linear_beta_schedule(1000)
+    assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02)
+    assert betas.dtype == np.float64
+    assert np.allclose(np.diff(betas), np.diff(betas)[0])
+
+
+def test_cosine_schedule_matches_closed_form_before_clipping():
+    T, s = 1000, 0.008
+    abar = np.cumprod(1 - D.cosine_beta_schedule(T, s))
+    for t in range(0, T - 20, 50):  # paper t = code t + 1; the clip only bites at the end
+        closed = math.cos(((t + 1) / T + s) / (1 + s) * math.pi / 2) ** 2 / \
+            math.cos(s / (1 + s) * math.pi / 2) ** 2
+        assert abar[t] == pytest.approx(closed, rel=1e-9)
+    assert D.cosine_beta_schedule(T, s).max() == pytest.approx(0.999)
+
+
+def test_unknown_schedule_is_rejected():
+    with pytest.raises(ValueError, match="schedule"):
+        make(schedule="quadratic")
+
+
+# -- forward process and posterior -------------------------------------------------------------
+
+
+def test_q_sample_mean_and_variance():
+    d = make()
+    torch.manual_seed(0)
+    x0 = torch.full((20000, 1, 1, 1), 0.7)
+    for t_val in (0, 300, 999):
+        t = torch.full((20000,), t_val)
+        xt = d.q_sample(x0, t)
+        abar = d.alphas_cumprod[t_val].item()
+        assert xt.mean().item() == pytest.approx(math.sqrt(abar) * 0.7, abs=0.02)
+        assert xt.var().item() == pytest.approx(1 - abar, abs=0.02 + 0.03 * (1 - abar))
+
+
+def test_posterior_mean_eq7_equals_eq11_with_true_noise():
+    d = make(schedule="linear")
+    torch.manual_seed(1)
+    x0 = torch.randn(4, 1, 5, 5)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([1, 10, 500, 999])
+    xt = d.q_sample(x0, t, noise)
+    x0_rec = d.predict_x0_from_eps(xt, t, noise)
+    assert torch.allclose(x0_rec, x0, atol=1e-3)
+    mean7, var = d.q_posterior(x0_rec, xt, t)
+    # DDPM Eq. 11 written out independently: 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-abar_t) eps)
+    a = d.alphas[t].view(-1, 1, 1, 1)
+    b = d.betas[t].view(-1, 1, 1, 1)
+    ab = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+    mean11 = (xt - b / (1 - ab).sqrt() * noise) / a.sqrt()
+    assert torch.allclose(mean7, mean11, atol=1e-4)
+    abp = d.alphas_cumprod_prev[t].view(-1, 1, 1, 1)
+    assert torch.allclose(var, (1 - abp) / (1 - ab) * b, rtol=1e-3)
+
+
+def test_eps_and_x0_conversions_are_inverse():
+    d = make()
+    x = torch.randn(3, 1, 4, 4)
+    eps = torch.randn_like(x)
+    t = torch.tensor([0, 400, 998])
+    x0 = d.predict_x0_from_eps(x, t, eps)
+    assert torch.allclose(d.predict_eps_from_x0(x, t, x0), eps, atol=1e-3)
+
+
+def test_ddim_eta1_over_all_steps_gives_posterior_variance():
+    d = make(timesteps=200)
+    abar = d.alphas_cumprod.double()
+    for t in range(1, 200):
+        sigma = d.ddim_sigma(abar[t].item(), abar[t - 1].item(), eta=1.0)
+        assert sigma ** 2 == pytest.approx(d.posterior_variance[t].item(), rel=1e-4)
+    assert d.ddim_sigma(abar[5].item(), abar[4].item(), eta=0.0) == 0.0
+
+
+# -- samplers --------------------------------------------------------------------------------
+
+
+def test_ddim_timesteps_are_even_and_end_at_zero():
+    assert D.ddim_timesteps(1000, 1) == [999]
+    assert D.ddim_timesteps(1000, 2) == [999, 0]
+    seq = D.ddim_timesteps(1000, 10)
+    assert seq[0] == 999 and seq[-1] == 0 and len(set(seq)) == 10
+    assert max(np.diff(seq)) - min(np.diff(seq)) <= 1
+    assert D.ddim_timesteps(50, 50) == list(range(49, -1, -1))
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match="steps"):
+            D.ddim_timesteps(1000, bad)
+
+
+@pytest.mark.parametrize("steps", [1, 10, 1000])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_returns_the_one_image_with_exact_denoiser(steps, eta):
+    d = make()
+    xs = x_star()
+    d.model = net = OneImageDenoiser(d, xs)
+    out = d.ddim_sample(xs.shape, steps=steps, eta=eta, generator=torch.Generator().manual_seed(0))
+    # one step divides by sqrt(abar_{T-1}) ~ 1e-2 in float32, so it is less exact
+    assert torch.allclose(out, xs, atol=1e-3 if steps > 1 else 1e-2)
+    assert net.calls == steps
+    assert net.ts == D.ddim_timesteps(1000, steps)
+    if steps > 1:
+        assert net.ts[-1] == 0
+
+
+@pytest.mark.parametrize("variance", ["posterior", "beta"])
+def test_ddpm_returns_the_one_image_with_exact_denoiser(variance):
+    d = make(timesteps=100)
+    xs = x_star()
+    d.model = net = OneImageDenoiser(d, xs)
+    out = d.ddpm_sample(xs.shape, generator=torch.Generator().manual_seed(0), variance=variance)
+    assert net.calls == 100 and net.ts == list(range(99, -1, -1))
+    # the last step adds no noise, so the one image comes back exactly
+    assert torch.allclose(out, xs, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta0", "ddim_eta1"])
+def test_samplers_reproduce_a_gaussian_data_distribution(sampler):
+    """With the exact denoiser of N(mu, s^2), samples must have mean mu and std s.
+
+    The stochastic samplers are exact only as T grows (beta-tilde is the right reverse
+    variance for a point mass, not for a spread), so use the full T = 1000."""
+    d = make(timesteps=1000, schedule="linear")
+    mu, s = 0.3, 0.2
+    d.model = GaussianDenoiser(d, mu, s)
+    g = torch.Generator().manual_seed(0)
+    shape = (4000, 1, 2, 2)
+    if sampler == "ddpm":
+        out = d.ddpm_sample(shape, generator=g, clip_x0=False)
+    else:
+        out = d.ddim_sample(shape, steps=1000, eta=1.0 if sampler == "ddim_eta1" else 0.0,
+                            generator=g, clip_x0=False)
+    assert out.mean().item() == pytest.approx(mu, abs=0.01)
+    assert out.std().item() == pytest.approx(s, abs=0.01)
+
+
+def test_ddim_eta0_is_deterministic_and_seeded():
+    d = make(timesteps=100)
+    d.model = GaussianDenoiser(d, 0.1, 0.5)
+    a = d.ddim_sample((2, 1, 4, 4), steps=20, generator=torch.Generator().manual_seed(3))
+    b = d.ddim_sample((2, 1, 4, 4), steps=20, generator=torch.Generator().manual_seed(3))
+    c = d.ddim_sample((2, 1, 4, 4), steps=20, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    noise = torch.randn(2, 1, 4, 4)
+    assert torch.equal(d.ddim_sample(noise.shape, steps=20, noise=noise),
+                       d.ddim_sample(noise.shape, steps=20, noise=noise))
+    # with eta > 0 the same generator seed still gives the same images
+    e1 = d.ddim_sample((2, 1, 4, 4), steps=20, eta=1.0, generator=torch.Generator().manual_seed(5))
+    e2 = d.ddim_sample((2, 1, 4, 4), steps=20, eta=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(e1, e2)
+
+
+def test_ddim_inversion_then_sampling_reconstructs():
+    d = make(timesteps=1000)
+    d.model = GaussianDenoiser(d, 0.1, 0.5)
+    x0 = x_star((3, 1, 6, 6), seed=7)  # arbitrary images, not the data mean
+    errors = {}
+    for steps in (10, 100, 1000):
+        xT = d.ddim_invert(x0, steps=steps)
+        assert xT.std() > 0.5  # it really is noise-like, not x0 itself
+        rec = d.ddim_sample(x0.shape, steps=steps, noise=xT, clip_x0=False)
+        errors[steps] = (rec - x0).abs().max().item()
+    # Euler steps of the DDIM ODE: the round-trip error falls about 10x per 10x steps
+    assert errors[1000] < 5e-3
+    assert errors[1000] < errors[100] / 5 < errors[10] / 25
+
+
+def test_trajectory_records_every_step():
+    d = make(timesteps=50)
+    xs = x_star()
+    d.model = OneImageDenoiser(d, xs)
+    out, traj = d.ddim_sample(xs.shape, steps=5, return_trajectory=True)
+    assert traj["t"] == D.ddim_timesteps(50, 5)
+    assert traj["xt"].shape == (5, *xs.shape) and traj["x0_pred"].shape == (5, *xs.shape)
+    assert torch.allclose(traj["x0_pred"][-1], xs, atol=1e-4)
+    out, traj = d.ddpm_sample(xs.shape, return_trajectory=True)
+    assert len(traj["t"]) == 50 and traj["xt"].shape[0] == 50
+
+
+def test_clip_x0_keeps_prediction_in_range():
+    d = make(timesteps=50)
+    far = torch.full((1, 1, 2, 2), 3.0)  # a "data set" outside [-1, 1]
+    d.model = OneImageDenoiser(d, far)
+    clipped = d.ddim_sample(far.shape, steps=5, clip_x0=True, return_trajectory=True)[1]
+    free = d.ddim_sample(far.shape, steps=5, clip_x0=False, return_trajectory=True)[1]
+    assert clipped["x0_pred"].abs().max() <= 1.0 + 1e-6
+    assert free["x0_pred"].abs().max() > 2.9
+    out = d.ddpm_sample(far.shape)
+    assert out.abs().max() <= 1.0  # samples are returned in [-1, 1]
+
+
+def test_classifier_free_guidance_combines_eps():
+    d = make(timesteps=10)
+    calls = []
+
+    def model(x, t, y):
+        calls.append(y.tolist())
+        return torch.where((y == D.NULL_CLASS).view(-1, 1, 1, 1), torch.ones_like(x), 3 * torch.ones_like(x))
+
+    d.model = model
+    y = torch.tensor([2, 5])
+    eps = d._eps(torch.zeros(2, 1, 2, 2), 4, y, guidance=2.5)
+    # eps_uncond + w (eps_cond - eps_uncond) = 1 + 2.5 * (3 - 1) = 6
+    assert torch.allclose(eps, torch.full_like(eps, 6.0))
+    assert calls == [[2, 5, -1, -1]]  # one batched call with the null class appended
+    d.ddim_sample((2, 1, 2, 2), steps=4, y=y, guidance=2.5)
+    assert len(calls) == 1 + 4  # still one network call per step
+
+
+def test_loss_drops_labels_to_null_class():
+    d = make(timesteps=10)
+    seen = []
+    d.model = lambda x, t, y: (seen.append(y), torch.zeros_like(x))[1]
+    torch.manual_seed(0)
+    d.loss(torch.zeros(4000, 1, 1, 1), y=torch.full((4000,), 3), p_uncond=0.25)
+    dropped = (seen[0] == D.NULL_CLASS).float().mean().item()
+    assert dropped == pytest.approx(0.25, abs=0.03)
+    assert set(seen[0].tolist()) == {3, D.NULL_CLASS}
+
+
+# -- the U-Net -------------------------------------------------------------------------------
+
+
+def test_unet_maps_shape_to_shape_and_depends_on_t_and_y():
+    torch.manual_seed(0)
+    m = D.DiffusionModel(hidden_dims=(16, 32, 32), time_dim=32, num_classes=10).eval()
+    x = torch.randn(2, 1, 28, 28)
+    t = torch.tensor([10, 10])
+    out = m(x, t, torch.tensor([1, 1]))
+    assert out.shape == x.shape
+    assert not torch.allclose(out, m(x, torch.tensor([500, 500]), torch.tensor([1, 1])))
+    assert not torch.allclose(out, m(x, t, torch.tensor([7, 7])))
+    assert not torch.allclose(out, m(x, t, torch.tensor([D.NULL_CLASS] * 2)))
+    assert torch.allclose(m(x, t), m(x, t, torch.tensor([D.NULL_CLASS] * 2)))
+    # channels_last gives the same answer as the default layout
+    m_cl = m.to(memory_format=torch.channels_last)
+    out_cl = m_cl(x.contiguous(memory_format=torch.channels_last), t, torch.tensor([1, 1]))
+    assert torch.allclose(out, out_cl, atol=1e-5)
+
+
+def test_unet_other_sizes_and_bad_size():
+    m = D.DiffusionModel(image_size=32, channels=3, hidden_dims=(8, 16), time_dim=16)
+    assert m(torch.randn(1, 3, 32, 32), torch.tensor([3])).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="divisible"):
+        D.DiffusionModel(image_size=30, hidden_dims=(8, 16, 32))
+
+
+def test_default_model_has_expected_layout():
+    m = D.DiffusionModel()
+    assert m.config == dict(image_size=28, channels=1, hidden_dims=[32, 64, 128], time_dim=128,
+                            num_classes=None)
+    assert isinstance(m.bottleneck.attn, D.SelfAttention)
+    # rebuildable from its config alone
+    assert sum(p.numel() for p in D.DiffusionModel(**m.config).parameters()) == \
+        sum(p.numel() for p in m.parameters())
+
+
+def test_ema_warmup_and_average():
+    m = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(m.weight)
+    ema = D.EMA(m, decay=0.99)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    ema.update(m)  # d = min(0.99, 2/11)
+    assert ema.shadow["weight"].item() == pytest.approx(1 - 2 / 11)
+    for _ in range(2000):
+        ema.update(m)
+    assert ema.shadow["weight"].item() == pytest.approx(1.0, abs=1e-6)
+    state = ema.state_dict()
+    ema2 = D.EMA(torch.nn.Linear(1, 1, bias=False), decay=0.5)
+    ema2.load_state_dict(state)
+    assert ema2.decay == 0.99 and ema2.num_updates == 2001
+
+
+def test_training_cuts_the_loss():
+    torch.manual_seed(0)
+    m = D.DiffusionModel(hidden_dims=(16, 32, 32), time_dim=32)
+    d = D.GaussianDiffusion(m, timesteps=100)
+    x0 = torch.zeros(8, 1, 28, 28)
+    x0[:, :, 8:20, 12:16] = 1.0  # a handful of "ones"
+    x0 = x0 * 2 - 1
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    t_fix = torch.arange(8) * 12
+    noise_fix = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = d.loss(x0, t=t_fix, noise=noise_fix).item()
+    for _ in range(200):
+        loss = d.loss(x0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = d.loss(x0, t=t_fix, noise=noise_fix).item()
+    assert after < 0.3 * before
