@@ -66,7 +66,7 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_proj = nn.Linear(time_dim, out_ch)
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, out_ch))
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -112,12 +112,16 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """Concatenate the skip connection, a residual block, then (unless last) upsample x2."""
+    """Concatenate the skip connection, a residual block, then (unless last) upsample x2.
 
-    def __init__(self, in_ch, skip_ch, out_ch, time_dim, upsample, dropout=0.0):
+    The upsampling conv also narrows to the next level's width (up_ch), which keeps the
+    full-resolution convs cheap.
+    """
+
+    def __init__(self, in_ch, skip_ch, out_ch, time_dim, up_ch=None, dropout=0.0):
         super().__init__()
         self.res = ResidualBlock(in_ch + skip_ch, out_ch, time_dim, dropout)
-        self.up = nn.Conv2d(out_ch, out_ch, 3, padding=1) if upsample else None
+        self.up = nn.Conv2d(out_ch, up_ch, 3, padding=1) if up_ch else None
 
     def forward(self, x, skip, emb):
         h = self.res(torch.cat([x, skip], dim=1), emb)
@@ -173,10 +177,11 @@ class DiffusionModel(nn.Module):
             DownBlock(i, o, time_dim, downsample=(k < levels - 1))
             for k, (i, o) in enumerate(zip(ins, hidden_dims)))
         self.bottleneck = BottleneckBlock(hidden_dims[-1], time_dim)
-        # up path mirrors the down path; level k receives the skip of down level k
+        # up path mirrors the down path; level k receives the skip of down level k and
+        # hands hidden_dims[k - 1] channels up to level k - 1
         self.ups = nn.ModuleList(
-            UpBlock(hidden_dims[min(k + 1, levels - 1)], hidden_dims[k], hidden_dims[k], time_dim,
-                    upsample=(k > 0))
+            UpBlock(hidden_dims[k], hidden_dims[k], hidden_dims[k], time_dim,
+                    up_ch=hidden_dims[k - 1] if k > 0 else None)
             for k in reversed(range(levels)))
         self.out = nn.Sequential(group_norm(hidden_dims[0]), nn.SiLU(),
                                  nn.Conv2d(hidden_dims[0], channels, 3, padding=1))

@@ -1,4 +1,7 @@
-"""The math of diffusion.py, checked against independent computations."""
+"""The math of diffusion.py and diffusion_cifar.py, checked against independent computations.
+
+Every test of the process runs on both modules (the fixture D), so their copies cannot drift.
+"""
 
 import math
 
@@ -6,41 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-import diffusion as D
+import diffusion
+import diffusion_cifar
+from helpers import GaussianDenoiser, OneImageDenoiser
 
 
-# -- denoisers with known answers ------------------------------------------------------------
+@pytest.fixture(params=[diffusion, diffusion_cifar], ids=["mnist", "cifar"])
+def D(request):
+    return request.param
 
 
-class OneImageDenoiser:
-    """The exact eps-predictor when the data set is the single image x_star:
-    eps(x_t, t) = (x_t - sqrt(abar_t) x_star) / sqrt(1 - abar_t). It counts its calls."""
-
-    def __init__(self, diffusion, x_star):
-        self.d, self.x_star, self.calls, self.ts = diffusion, x_star, 0, []
-
-    def __call__(self, x, t, y=None):
-        self.calls += 1
-        self.ts.append(int(t[0]))
-        abar = self.d.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return (x - abar.sqrt() * self.x_star) / (1 - abar).sqrt()
-
-
-class GaussianDenoiser:
-    """The exact eps-predictor for data ~ N(mu, s^2 I): x_t ~ N(sqrt(abar) mu, abar s^2 + 1 - abar),
-    so E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar)."""
-
-    def __init__(self, diffusion, mu, s):
-        self.d, self.mu, self.s = diffusion, mu, s
-
-    def __call__(self, x, t, y=None):
-        abar = self.d.alphas_cumprod[t].view(-1, 1, 1, 1).double()
-        x = x.double()
-        eps = (1 - abar).sqrt() * (x - abar.sqrt() * self.mu) / (abar * self.s ** 2 + 1 - abar)
-        return eps.float()
-
-
-def make(timesteps=1000, schedule="cosine"):
+def make(D, timesteps=1000, schedule="cosine"):
     return D.GaussianDiffusion(lambda x, t, y=None: torch.zeros_like(x), timesteps, schedule)
 
 
@@ -53,8 +32,8 @@ def x_star(shape=(2, 1, 8, 8), seed=0):
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_alphas_cumprod_is_running_product(schedule):
-    d = make(schedule=schedule)
+def test_alphas_cumprod_is_running_product(D, schedule):
+    d = make(D, schedule=schedule)
     betas = D.SCHEDULES[schedule](1000)
     running = 1.0
     for t in range(0, 1000, 37):  # a brute-force loop at a sample of timesteps
@@ -67,14 +46,14 @@ def test_alphas_cumprod_is_running_product(schedule):
     assert torch.equal(d.alphas_cumprod_prev[1:], d.alphas_cumprod[:-1])
 
 
-def test_linear_schedule_matches_ddpm_endpoints():
+def test_linear_schedule_matches_ddpm_endpoints(D):
     betas = D.linear_beta_schedule(1000)
     assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02)
     assert betas.dtype == np.float64
     assert np.allclose(np.diff(betas), np.diff(betas)[0])
 
 
-def test_cosine_schedule_matches_closed_form_before_clipping():
+def test_cosine_schedule_matches_closed_form_before_clipping(D):
     T, s = 1000, 0.008
     abar = np.cumprod(1 - D.cosine_beta_schedule(T, s))
     for t in range(0, T - 20, 50):  # paper t = code t + 1; the clip only bites at the end
@@ -84,16 +63,16 @@ def test_cosine_schedule_matches_closed_form_before_clipping():
     assert D.cosine_beta_schedule(T, s).max() == pytest.approx(0.999)
 
 
-def test_unknown_schedule_is_rejected():
+def test_unknown_schedule_is_rejected(D):
     with pytest.raises(ValueError, match="schedule"):
-        make(schedule="quadratic")
+        make(D, schedule="quadratic")
 
 
 # -- forward process and posterior -------------------------------------------------------------
 
 
-def test_q_sample_mean_and_variance():
-    d = make()
+def test_q_sample_mean_and_variance(D):
+    d = make(D)
     torch.manual_seed(0)
     x0 = torch.full((20000, 1, 1, 1), 0.7)
     for t_val in (0, 300, 999):
@@ -104,8 +83,8 @@ def test_q_sample_mean_and_variance():
         assert xt.var().item() == pytest.approx(1 - abar, abs=0.02 + 0.03 * (1 - abar))
 
 
-def test_posterior_mean_eq7_equals_eq11_with_true_noise():
-    d = make(schedule="linear")
+def test_posterior_mean_eq7_equals_eq11_with_true_noise(D):
+    d = make(D, schedule="linear")
     torch.manual_seed(1)
     x0 = torch.randn(4, 1, 5, 5)
     noise = torch.randn_like(x0)
@@ -124,8 +103,8 @@ def test_posterior_mean_eq7_equals_eq11_with_true_noise():
     assert torch.allclose(var, (1 - abp) / (1 - ab) * b, rtol=1e-3)
 
 
-def test_eps_and_x0_conversions_are_inverse():
-    d = make()
+def test_eps_and_x0_conversions_are_inverse(D):
+    d = make(D)
     x = torch.randn(3, 1, 4, 4)
     eps = torch.randn_like(x)
     t = torch.tensor([0, 400, 998])
@@ -133,8 +112,8 @@ def test_eps_and_x0_conversions_are_inverse():
     assert torch.allclose(d.predict_eps_from_x0(x, t, x0), eps, atol=1e-3)
 
 
-def test_ddim_eta1_over_all_steps_gives_posterior_variance():
-    d = make(timesteps=200)
+def test_ddim_eta1_over_all_steps_gives_posterior_variance(D):
+    d = make(D, timesteps=200)
     abar = d.alphas_cumprod.double()
     for t in range(1, 200):
         sigma = d.ddim_sigma(abar[t].item(), abar[t - 1].item(), eta=1.0)
@@ -145,7 +124,7 @@ def test_ddim_eta1_over_all_steps_gives_posterior_variance():
 # -- samplers --------------------------------------------------------------------------------
 
 
-def test_ddim_timesteps_are_even_and_end_at_zero():
+def test_ddim_timesteps_are_even_and_end_at_zero(D):
     assert D.ddim_timesteps(1000, 1) == [999]
     assert D.ddim_timesteps(1000, 2) == [999, 0]
     seq = D.ddim_timesteps(1000, 10)
@@ -159,8 +138,8 @@ def test_ddim_timesteps_are_even_and_end_at_zero():
 
 @pytest.mark.parametrize("steps", [1, 10, 1000])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_returns_the_one_image_with_exact_denoiser(steps, eta):
-    d = make()
+def test_ddim_returns_the_one_image_with_exact_denoiser(D, steps, eta):
+    d = make(D)
     xs = x_star()
     d.model = net = OneImageDenoiser(d, xs)
     out = d.ddim_sample(xs.shape, steps=steps, eta=eta, generator=torch.Generator().manual_seed(0))
@@ -173,8 +152,8 @@ def test_ddim_returns_the_one_image_with_exact_denoiser(steps, eta):
 
 
 @pytest.mark.parametrize("variance", ["posterior", "beta"])
-def test_ddpm_returns_the_one_image_with_exact_denoiser(variance):
-    d = make(timesteps=100)
+def test_ddpm_returns_the_one_image_with_exact_denoiser(D, variance):
+    d = make(D, timesteps=100)
     xs = x_star()
     d.model = net = OneImageDenoiser(d, xs)
     out = d.ddpm_sample(xs.shape, generator=torch.Generator().manual_seed(0), variance=variance)
@@ -184,12 +163,12 @@ def test_ddpm_returns_the_one_image_with_exact_denoiser(variance):
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta0", "ddim_eta1"])
-def test_samplers_reproduce_a_gaussian_data_distribution(sampler):
+def test_samplers_reproduce_a_gaussian_data_distribution(D, sampler):
     """With the exact denoiser of N(mu, s^2), samples must have mean mu and std s.
 
     The stochastic samplers are exact only as T grows (beta-tilde is the right reverse
     variance for a point mass, not for a spread), so use the full T = 1000."""
-    d = make(timesteps=1000, schedule="linear")
+    d = make(D, timesteps=1000, schedule="linear")
     mu, s = 0.3, 0.2
     d.model = GaussianDenoiser(d, mu, s)
     g = torch.Generator().manual_seed(0)
@@ -203,8 +182,8 @@ def test_samplers_reproduce_a_gaussian_data_distribution(sampler):
     assert out.std().item() == pytest.approx(s, abs=0.01)
 
 
-def test_ddim_eta0_is_deterministic_and_seeded():
-    d = make(timesteps=100)
+def test_ddim_eta0_is_deterministic_and_seeded(D):
+    d = make(D, timesteps=100)
     d.model = GaussianDenoiser(d, 0.1, 0.5)
     a = d.ddim_sample((2, 1, 4, 4), steps=20, generator=torch.Generator().manual_seed(3))
     b = d.ddim_sample((2, 1, 4, 4), steps=20, generator=torch.Generator().manual_seed(3))
@@ -219,8 +198,8 @@ def test_ddim_eta0_is_deterministic_and_seeded():
     assert torch.equal(e1, e2)
 
 
-def test_ddim_inversion_then_sampling_reconstructs():
-    d = make(timesteps=1000)
+def test_ddim_inversion_then_sampling_reconstructs(D):
+    d = make(D, timesteps=1000)
     d.model = GaussianDenoiser(d, 0.1, 0.5)
     x0 = x_star((3, 1, 6, 6), seed=7)  # arbitrary images, not the data mean
     errors = {}
@@ -234,8 +213,8 @@ def test_ddim_inversion_then_sampling_reconstructs():
     assert errors[1000] < errors[100] / 5 < errors[10] / 25
 
 
-def test_trajectory_records_every_step():
-    d = make(timesteps=50)
+def test_trajectory_records_every_step(D):
+    d = make(D, timesteps=50)
     xs = x_star()
     d.model = OneImageDenoiser(d, xs)
     out, traj = d.ddim_sample(xs.shape, steps=5, return_trajectory=True)
@@ -246,8 +225,8 @@ def test_trajectory_records_every_step():
     assert len(traj["t"]) == 50 and traj["xt"].shape[0] == 50
 
 
-def test_clip_x0_keeps_prediction_in_range():
-    d = make(timesteps=50)
+def test_clip_x0_keeps_prediction_in_range(D):
+    d = make(D, timesteps=50)
     far = torch.full((1, 1, 2, 2), 3.0)  # a "data set" outside [-1, 1]
     d.model = OneImageDenoiser(d, far)
     clipped = d.ddim_sample(far.shape, steps=5, clip_x0=True, return_trajectory=True)[1]
@@ -258,8 +237,8 @@ def test_clip_x0_keeps_prediction_in_range():
     assert out.abs().max() <= 1.0  # samples are returned in [-1, 1]
 
 
-def test_classifier_free_guidance_combines_eps():
-    d = make(timesteps=10)
+def test_classifier_free_guidance_combines_eps(D):
+    d = make(D, timesteps=10)
     calls = []
 
     def model(x, t, y):
@@ -276,8 +255,8 @@ def test_classifier_free_guidance_combines_eps():
     assert len(calls) == 1 + 4  # still one network call per step
 
 
-def test_loss_drops_labels_to_null_class():
-    d = make(timesteps=10)
+def test_loss_drops_labels_to_null_class(D):
+    d = make(D, timesteps=10)
     seen = []
     d.model = lambda x, t, y: (seen.append(y), torch.zeros_like(x))[1]
     torch.manual_seed(0)
@@ -287,10 +266,11 @@ def test_loss_drops_labels_to_null_class():
     assert set(seen[0].tolist()) == {3, D.NULL_CLASS}
 
 
-# -- the U-Net -------------------------------------------------------------------------------
+# -- the MNIST U-Net -------------------------------------------------------------------------------
 
 
 def test_unet_maps_shape_to_shape_and_depends_on_t_and_y():
+    D = diffusion  # the MNIST U-Net; tests/test_cifar.py covers the CIFAR one
     torch.manual_seed(0)
     m = D.DiffusionModel(hidden_dims=(16, 32, 32), time_dim=32, num_classes=10).eval()
     x = torch.randn(2, 1, 28, 28)
@@ -308,6 +288,7 @@ def test_unet_maps_shape_to_shape_and_depends_on_t_and_y():
 
 
 def test_unet_other_sizes_and_bad_size():
+    D = diffusion  # the MNIST U-Net; tests/test_cifar.py covers the CIFAR one
     m = D.DiffusionModel(image_size=32, channels=3, hidden_dims=(8, 16), time_dim=16)
     assert m(torch.randn(1, 3, 32, 32), torch.tensor([3])).shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="divisible"):
@@ -315,6 +296,7 @@ def test_unet_other_sizes_and_bad_size():
 
 
 def test_default_model_has_expected_layout():
+    D = diffusion  # the MNIST U-Net; tests/test_cifar.py covers the CIFAR one
     m = D.DiffusionModel()
     assert m.config == dict(image_size=28, channels=1, hidden_dims=[32, 64, 128], time_dim=128,
                             num_classes=None)
@@ -324,7 +306,7 @@ def test_default_model_has_expected_layout():
         sum(p.numel() for p in m.parameters())
 
 
-def test_ema_warmup_and_average():
+def test_ema_warmup_and_average(D):
     m = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(m.weight)
     ema = D.EMA(m, decay=0.99)
@@ -342,6 +324,7 @@ def test_ema_warmup_and_average():
 
 
 def test_training_cuts_the_loss():
+    D = diffusion  # the MNIST U-Net; tests/test_cifar.py covers the CIFAR one
     torch.manual_seed(0)
     m = D.DiffusionModel(hidden_dims=(16, 32, 32), time_dim=32)
     d = D.GaussianDiffusion(m, timesteps=100)

@@ -1,0 +1,236 @@
+"""Measure training and sampling speed. Example: python benchmark.py --quick
+
+Training: images/s of full optimizer steps (forward, backward, AdamW, EMA) and peak memory
+(process RSS on the CPU, max allocated on CUDA), for the MNIST model and each CIFAR preset.
+Sampling: images/s for DDPM (1000 steps) and DDIM (10 and 50 steps) at several batch sizes.
+Each figure is the median of --repeats timed runs after a warm-up run.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import common
+import diffusion
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def median_time(fn, device, repeats):
+    fn()  # warm-up: allocations, kernel selection, compilation
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
+
+
+def models(args):
+    """(name, module, model config, schedule) for every model to measure."""
+    out = [("mnist", diffusion, diffusion.DiffusionModel().config, "cosine")]
+    try:
+        import diffusion_cifar
+    except ImportError:
+        return out
+    for preset in args.presets or list(diffusion_cifar.PRESETS):
+        out.append((f"cifar-{preset}", diffusion_cifar, dict(diffusion_cifar.PRESETS[preset]), "linear"))
+    return out
+
+
+def bench_training(name, module, config, schedule, batch, device, args):
+    model = module.DiffusionModel(**config).to(device, memory_format=torch.channels_last)
+    diff = module.GaussianDiffusion(model, 1000, schedule).to(device)
+    ema = module.EMA(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    shape = (batch, config["channels"], config["image_size"], config["image_size"])
+    x0 = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
+    amp = args.amp == "bf16"
+    if args.compile:
+        diff.model = torch.compile(model)
+
+    def steps():
+        for _ in range(args.train_steps):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = diff.loss(x0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            ema.update(model)
+
+    reset_peak(device)
+    seconds = median_time(steps, device, args.repeats)
+    return {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "task": "train", "batch": batch, "images_per_s": batch * args.train_steps / seconds,
+            "peak_mem_mb": peak_memory_mb(device)}
+
+
+def bench_sampling(name, module, config, schedule, sampler, steps, batch, device, args):
+    model = module.DiffusionModel(**config).to(device, memory_format=torch.channels_last).eval()
+    shape = (batch, config["channels"], config["image_size"], config["image_size"])
+    measured = steps
+    if sampler == "ddpm" and not args.full_ddpm:
+        # every DDPM step costs the same, so time args.ddpm_probe steps and scale to 1000
+        measured = min(args.ddpm_probe, steps)
+    diff = module.GaussianDiffusion(model, measured if sampler == "ddpm" else 1000, schedule).to(device)
+
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+            if sampler == "ddpm":
+                diff.ddpm_sample(shape)
+            else:
+                diff.ddim_sample(shape, steps=steps)
+
+    reset_peak(device)
+    seconds = median_time(run, device, args.repeats) * steps / measured
+    label = f"{sampler}-{steps}" + ("" if measured == steps else f" (timed {measured} steps)")
+    return {"model": name, "task": label, "batch": batch, "images_per_s": batch / seconds,
+            "seconds_per_batch": seconds, "peak_mem_mb": peak_memory_mb(device)}
+
+
+def bench_diffusers_baseline(batch, device, args):
+    """The diffusers UNet2DModel of the same widths, for comparison (optional package)."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        return []
+    net = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 128),
+                      down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")).to(device)
+    params = round(sum(p.numel() for p in net.parameters()) / 1e6, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+
+    def train():
+        for _ in range(args.train_steps):
+            loss = torch.nn.functional.mse_loss(net(x, t).sample, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def forward():
+        net(x, t)
+
+    rows = [{"model": "diffusers UNet2DModel", "params_m": params, "task": "train", "batch": batch,
+             "images_per_s": batch * args.train_steps / median_time(train, device, args.repeats)}]
+    net.eval()
+    rows.append({"model": "diffusers UNet2DModel", "params_m": params, "task": "forward",
+                 "batch": batch, "images_per_s": batch / median_time(forward, device, args.repeats)})
+    return rows
+
+
+def bench_forward(name, module, config, batch, device, args):
+    model = module.DiffusionModel(**config).to(device, memory_format=torch.channels_last).eval()
+    x = torch.randn(batch, config["channels"], config["image_size"], config["image_size"],
+                    device=device).contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (batch,), device=device)
+
+    @torch.no_grad()
+    def forward():
+        model(x, t)
+
+    return {"model": name, "task": "forward", "batch": batch,
+            "images_per_s": batch / median_time(forward, device, args.repeats)}
+
+
+def markdown(rows, header):
+    cols = ["model", "params_m", "task", "batch", "images_per_s", "peak_mem_mb"]
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.1f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smaller run: under a minute on 2 CPU cores")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 256],
+                   help="sampling batch sizes")
+    p.add_argument("--train-batch", type=int, default=128)
+    p.add_argument("--train-steps", type=int, default=3, help="optimizer steps per timed run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--presets", nargs="*", default=None, help="CIFAR presets (default: all)")
+    p.add_argument("--ddpm-probe", type=int, default=20,
+                   help="DDPM steps actually timed; the figure is scaled to 1000 steps")
+    p.add_argument("--full-ddpm", action="store_true", help="time all 1000 DDPM steps")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time the diffusers UNet2DModel of the same widths, if installed")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--json", default=None, help="write the rows here as JSON")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="also write benchmark.md and benchmark.json here")
+    return p.parse_args(argv)
+
+
+def main(args):
+    device = common.pick_device(args.device)
+    torch.manual_seed(args.seed)
+    if args.quick:
+        args.batch_sizes, args.repeats, args.train_steps, args.ddpm_probe = [64], 2, 2, 5
+        args.presets = args.presets if args.presets is not None else []
+    if min(args.batch_sizes + [args.train_batch, args.train_steps, args.repeats, args.ddpm_probe]) < 1:
+        common.fail("batch sizes, --train-steps, --repeats and --ddpm-probe must be at least 1")
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+           "amp": args.amp, "compile": args.compile}
+    header = ", ".join(f"{k} {v}" for k, v in env.items())
+    print(header)
+    rows = []
+    for name, module, config, schedule in models(args):
+        rows.append(bench_training(name, module, config, schedule, args.train_batch, device, args))
+        rows.append(bench_forward(name, module, config, args.train_batch, device, args))
+        print(rows[-2], rows[-1], sep="\n")
+        sampling = [("ddim", 10), ("ddim", 50), ("ddpm", 1000)]
+        for sampler, steps in sampling:
+            for batch in args.batch_sizes:
+                rows.append(bench_sampling(name, module, config, schedule, sampler, steps, batch, device, args))
+                print(rows[-1])
+    if args.baseline:
+        rows += bench_diffusers_baseline(args.train_batch, device, args)
+    table = markdown(rows, header)
+    print("\n" + table)
+    result = {"env": env, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.out_dir:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.out_dir) / "benchmark.md").write_text(table + "\n")
+        (Path(args.out_dir) / "benchmark.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,219 @@
+"""DDPM against DDIM at many step counts, from the same initial noise.
+
+Example: python ddim_compare.py --checkpoint runs/mnist/best.pt --num-samples 500
+
+For each setting it measures wall time, images/s, FID (through evaluate.py) and the mean pixel
+distance to the DDIM result with all T steps from the same noise, which shows how fast DDIM
+converges to its ODE solution. Writes comparison_grid.png, quality_vs_steps.png,
+time_vs_steps.png, results.csv and results.json under --out-dir.
+"""
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+import evaluate
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint from either training script")
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 200, 1000],
+                   help="DDIM step counts")
+    p.add_argument("--eta", type=float, nargs="+", default=[0.0], help="DDIM eta values")
+    p.add_argument("--no-ddpm", action="store_true", help="skip DDPM over all T steps")
+    p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--class", dest="class_id", type=int, default=None,
+                   help="conditional models: sample only this class (default: all, in turn)")
+    p.add_argument("--guidance", type=float, default=None, help="default: the training setting")
+    p.add_argument("--no-fid", action="store_true", help="skip FID (no classifier needed)")
+    p.add_argument("--classifier", default=None, help="evaluate.py's feature network")
+    p.add_argument("--data-dir", default="./data", help="for CIFAR-10 FID reference statistics")
+    p.add_argument("--save-npz", action="store_true", help="save each setting's samples as .npz")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="runs/ddim_compare")
+    return p.parse_args(argv)
+
+
+def settings(args, T):
+    """(sampler, steps, eta) for every row, DDPM first."""
+    rows = [] if args.no_ddpm else [("ddpm", T, 1.0)]
+    for eta in args.eta:
+        rows += [("ddim", s, eta) for s in sorted(set(args.steps))]
+    return rows
+
+
+def name_of(sampler, steps, eta):
+    """ddim_10, ddpm_1000, ddim_10_eta0.5: also the .npz file name."""
+    return f"{sampler}_{steps}" + (f"_eta{eta:g}" if sampler == "ddim" and eta != 0 else "")
+
+
+@torch.no_grad()
+def draw(diffusion, sampler, steps, eta, noise, y, guidance, batch_size, seed):
+    """Samples from the given initial noise, in batches; the same seed drives any added noise."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(noise), batch_size):
+        xT = noise[i:i + batch_size]
+        yb = y[i:i + batch_size] if y is not None else None
+        if sampler == "ddpm":
+            x = diffusion.ddpm_sample(xT.shape, y=yb, guidance=guidance, generator=g, noise=xT)
+        else:
+            x = diffusion.ddim_sample(xT.shape, steps=steps, eta=eta, y=yb, guidance=guidance,
+                                      generator=g, noise=xT)
+        out.append(x.cpu())
+    return torch.cat(out)
+
+
+def plot_rows(images_by_row, labels, path, columns=8):
+    """One row of images per setting, labelled on the left."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(images_by_row)
+    fig, axes = plt.subplots(n, columns, figsize=(columns * 0.9 + 1.6, n * 0.9 + 0.3), squeeze=False)
+    for r, (imgs, label) in enumerate(zip(images_by_row, labels)):
+        for c in range(columns):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(imgs):
+                im = (imgs[c].permute(1, 2, 0).numpy() + 1) / 2
+                ax.imshow(im.squeeze(-1) if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=1)
+        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_vs_steps(results, key, ylabel, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for eta in sorted({r["eta"] for r in results if r["sampler"] == "ddim"}):
+        pts = [(r["steps"], r[key]) for r in results if r["sampler"] == "ddim" and r["eta"] == eta
+               and r[key] is not None]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=f"DDIM eta={eta:g}")
+    for r in results:
+        if r["sampler"] == "ddpm" and r[key] is not None:
+            ax.axhline(r[key], color="k", ls="--", label=f"DDPM, {r['steps']} steps")
+    ax.set_xscale("log")
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args):
+    device = common.pick_device(args.device)
+    ckpt = common.load_checkpoint(args.checkpoint)
+    model, diffusion, _ = common.model_from_checkpoint(ckpt, device)
+    model.to(memory_format=torch.channels_last)
+    T = diffusion.num_timesteps
+    cfg = ckpt["model_config"]
+    if any(not 1 <= s <= T for s in args.steps):
+        common.fail(f"every --steps value must be in [1, {T}] for this checkpoint, got {args.steps}")
+    if args.num_samples < 2 or args.batch_size < 1:
+        common.fail("--num-samples must be at least 2 and --batch-size at least 1")
+    if any(e < 0 for e in args.eta):
+        common.fail("--eta values must be >= 0")
+    num_classes = cfg.get("num_classes")
+    if args.class_id is not None and not (num_classes and 0 <= args.class_id < num_classes):
+        common.fail(f"--class needs a conditional checkpoint and a class in [0, {num_classes or 0})")
+    dataset = ckpt["args"].get("dataset", "mnist")
+    if not args.no_fid and dataset not in evaluate.SHAPES:
+        common.fail(f"FID needs a reference data set; this checkpoint was trained on {dataset!r}. "
+                    f"Use --no-fid.")
+    if not args.no_fid and dataset != "cifar10":
+        clf_path = Path(args.classifier or evaluate.default_classifier_path(dataset))
+        if not clf_path.is_file():
+            common.fail(f"no classifier at {clf_path} for FID; run python evaluate.py "
+                        f"train-classifier --dataset {dataset}, or pass --no-fid")
+        args.classifier = str(clf_path)
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shape = (args.num_samples, cfg["channels"], cfg["image_size"], cfg["image_size"])
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    y = None
+    if num_classes:
+        y = (torch.full((shape[0],), args.class_id) if args.class_id is not None
+             else torch.arange(shape[0]) % num_classes).to(device)
+    guidance = ckpt["args"].get("guidance", 1.0) if args.guidance is None else args.guidance
+
+    # the reference: deterministic DDIM over all T steps, the limit that fewer steps approach
+    def run(sampler, steps, eta):
+        start = time.perf_counter()
+        x = draw(diffusion, sampler, steps, eta, noise, y, guidance, args.batch_size, args.seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return x, time.perf_counter() - start
+
+    cache = {}
+    reference = None
+    results, grid_rows, grid_labels = [], [], []
+    for sampler, steps, eta in settings(args, T):
+        name = name_of(sampler, steps, eta)
+        print(f"{name}: sampling {args.num_samples} images ...")
+        x, seconds = run(sampler, steps, eta)
+        cache[(sampler, steps, eta)] = x
+        if sampler == "ddim" and steps == T and eta == 0:
+            reference = x
+        images = common.to_uint8(x).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+        fid = None
+        if not args.no_fid:
+            requested = y.cpu().numpy() if y is not None else None
+            fid = evaluate.evaluate_images(images, dataset, args, device, requested)["fid"]
+        if args.save_npz:
+            evaluate.save_npz(images, out_dir / f"{name}.npz")
+        results.append({"setting": name, "sampler": sampler, "steps": steps,
+                        "eta": eta if sampler == "ddim" else None, "seconds": seconds,
+                        "images_per_s": args.num_samples / seconds, "fid": fid})
+        grid_rows.append(x[:8])
+        grid_labels.append(name.replace("_", " "))
+    if reference is None:
+        print(f"ddim_{T} (reference for the distance column): sampling ...")
+        reference, _ = run("ddim", T, 0.0)
+    for r in results:
+        x = cache[(r["sampler"], r["steps"], r["eta"] if r["eta"] is not None else 1.0)]
+        # mean absolute pixel difference, in units of the [0, 1] pixel range
+        r["distance_to_ddim_T"] = float((x - reference).abs().mean() / 2)
+
+    plot_rows(grid_rows, grid_labels, out_dir / "comparison_grid.png")
+    plot_vs_steps(results, "fid", "FID (lower is better)", out_dir / "quality_vs_steps.png",
+                  "Sample quality against sampling steps")
+    plot_vs_steps(results, "seconds", f"seconds for {args.num_samples} images",
+                  out_dir / "time_vs_steps.png", f"Wall time on {device.type}")
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(results[0]))
+        w.writeheader()
+        w.writerows(results)
+    (out_dir / "results.json").write_text(json.dumps(
+        {"checkpoint": str(args.checkpoint), "num_samples": args.num_samples, "device": str(device),
+         "guidance": guidance if num_classes else None, "results": results}, indent=2))
+
+    print(f"\n{'setting':<18} {'seconds':>9} {'img/s':>9} {'FID':>9} {'dist to DDIM-' + str(T):>18}")
+    for r in results:
+        fid = f"{r['fid']:.3f}" if r["fid"] is not None else "-"
+        print(f"{r['setting']:<18} {r['seconds']:>9.2f} {r['images_per_s']:>9.1f} {fid:>9} "
+              f"{r['distance_to_ddim_T']:>18.4f}")
+    print(f"wrote {out_dir}/comparison_grid.png, quality_vs_steps.png, time_vs_steps.png, results.csv, results.json")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,567 @@
+"""The CIFAR-10 diffusion model: a deeper U-Net and its DDPM/DDIM process, in one file.
+
+Read it next to two papers:
+  DDPM: Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239
+  DDIM: Song, Meng, Ermon 2020, "Denoising Diffusion Implicit Models", arXiv:2010.02502
+and, for the cosine schedule, Nichol & Dhariwal 2021, arXiv:2102.09672.
+
+It has the same public names, section order and process API as diffusion.py (the MNIST
+model); only the U-Net differs. PRESETS["ddpm"] is the DDPM paper's CIFAR-10 network
+(Appendix B: 35.7M parameters). tests/test_parity.py keeps the shared math identical.
+
+Conventions
+- Images live in [-1, 1], shaped (B, C, H, W).
+- Timesteps are 0-indexed: code t = paper t - 1. Code t = 0 is the last denoising step
+  (paper t = 1), code t = T - 1 the first (paper t = T).
+- The network predicts the noise eps that was added (DDPM's "epsilon parameterization").
+- Class labels are integers in [0, num_classes); the label -1 means "no class" and selects
+  the extra null embedding used by classifier-free guidance.
+
+Sections: 1. time embedding, 2. U-Net blocks, 3. U-Net, 4. EMA, 5. schedules,
+6. the Gaussian diffusion process (forward, posterior, loss, DDPM and DDIM samplers).
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NULL_CLASS = -1  # label that means "unconditional" (classifier-free guidance)
+
+# ----------------------------------------------------------------------------------------
+# 1. Time embedding
+
+
+def sinusoidal_embedding(t, dim):
+    """Transformer-style sinusoidal features of the timestep: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding of t (dim features) followed by a two-layer MLP to out_dim.
+
+    The DDPM network embeds with dim = base channels and widens to out_dim = 4 x base.
+    """
+
+    def __init__(self, dim, out_dim=None):
+        super().__init__()
+        self.dim = dim
+        out_dim = out_dim or dim
+        self.mlp = nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, t):
+        return self.mlp(sinusoidal_embedding(t, self.dim))
+
+
+# ----------------------------------------------------------------------------------------
+# 2. U-Net blocks
+
+
+def group_norm(channels):
+    # 32 groups as in the DDPM network; fewer when a narrow preset has fewer channels
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with the time embedding added in between and
+    dropout before the second conv (DDPM Appendix B)."""
+
+    def __init__(self, in_ch, out_ch, time_dim, dropout=0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, out_ch))
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(emb)[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual connection.
+    The DDPM network uses one head."""
+
+    def __init__(self, channels, num_heads=1):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, H*W, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)  # fused softmax(q k^T / sqrt(d)) v
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class DownBlock(nn.Module):
+    """num_blocks residual blocks (each followed by attention at the chosen resolutions),
+    then (unless last) a stride-2 conv. Every block's output is kept as a skip connection."""
+
+    def __init__(self, in_ch, out_ch, time_dim, num_blocks, attn, downsample, dropout=0.0):
+        super().__init__()
+        self.res = nn.ModuleList(ResidualBlock(in_ch if i == 0 else out_ch, out_ch, time_dim, dropout)
+                                 for i in range(num_blocks))
+        self.attn = nn.ModuleList((SelfAttention(out_ch) if attn else nn.Identity())
+                                  for _ in range(num_blocks))
+        self.down = nn.Conv2d(out_ch, out_ch, 3, stride=2, padding=1) if downsample else None
+
+    def forward(self, x, emb):
+        skips = []
+        for res, attn in zip(self.res, self.attn):
+            x = attn(res(x, emb))
+            skips.append(x)
+        if self.down is not None:
+            x = self.down(x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """num_blocks + 1 residual blocks, each eating one skip connection (concatenated), with
+    attention at the chosen resolutions, then (unless last) nearest upsampling and a conv."""
+
+    def __init__(self, in_ch, skip_chs, out_ch, time_dim, attn, upsample, dropout=0.0):
+        super().__init__()
+        ins = [in_ch] + [out_ch] * (len(skip_chs) - 1)
+        self.res = nn.ModuleList(ResidualBlock(i + s, out_ch, time_dim, dropout)
+                                 for i, s in zip(ins, skip_chs))
+        self.attn = nn.ModuleList((SelfAttention(out_ch) if attn else nn.Identity())
+                                  for _ in skip_chs)
+        self.up = nn.Conv2d(out_ch, out_ch, 3, padding=1) if upsample else None
+
+    def forward(self, x, skips, emb):
+        for res, attn in zip(self.res, self.attn):
+            x = attn(res(torch.cat([x, skips.pop()], dim=1), emb))
+        if self.up is not None:
+            x = self.up(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return x
+
+
+class BottleneckBlock(nn.Module):
+    """Residual block, self-attention, residual block, at the lowest resolution."""
+
+    def __init__(self, channels, time_dim, dropout=0.0):
+        super().__init__()
+        self.res1 = ResidualBlock(channels, channels, time_dim, dropout)
+        self.attn = SelfAttention(channels)
+        self.res2 = ResidualBlock(channels, channels, time_dim, dropout)
+
+    def forward(self, x, emb):
+        return self.res2(self.attn(self.res1(x, emb)), emb)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. The U-Net
+
+
+class DiffusionModel(nn.Module):
+    """U-Net eps_theta(x_t, t[, y]) in the layout of the DDPM CIFAR-10 network.
+
+    Level k works at image_size / 2^k with base_channels * channel_mult[k] channels and
+    num_res_blocks residual blocks (num_res_blocks + 1 on the way up); attention sits at the
+    resolutions in attn_resolutions. The time embedding is 4 x base_channels wide.
+    With num_classes set, a learned class embedding (plus one null class) is added to it.
+    """
+
+    def __init__(self, image_size=32, channels=3, base_channels=64, channel_mult=(1, 2, 2),
+                 num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, num_classes=None):
+        super().__init__()
+        channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
+        levels = len(channel_mult)
+        if image_size % 2 ** (levels - 1):
+            raise ValueError(f"image_size {image_size} must be divisible by {2 ** (levels - 1)} "
+                             f"for {levels} U-Net levels")
+        self.config = dict(image_size=image_size, channels=channels, base_channels=base_channels,
+                           channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
+                           attn_resolutions=list(attn_resolutions), dropout=dropout,
+                           num_classes=num_classes)
+        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
+        time_dim = 4 * base_channels
+
+        self.time_embed = TimeEmbedding(base_channels, time_dim)
+        # num_classes real classes + 1 null class at index num_classes
+        self.class_embed = nn.Embedding(num_classes + 1, time_dim) if num_classes else None
+
+        self.init_conv = nn.Conv2d(channels, base_channels, 3, padding=1)
+        widths = [base_channels * m for m in channel_mult]
+        self.downs = nn.ModuleList()
+        ch, res = base_channels, image_size
+        for k, w in enumerate(widths):
+            last = k == levels - 1
+            self.downs.append(DownBlock(ch, w, time_dim, num_res_blocks, res in attn_resolutions,
+                                        downsample=not last, dropout=dropout))
+            ch, res = w, res if last else res // 2
+        self.bottleneck = BottleneckBlock(ch, time_dim, dropout)
+        # Up level k pops num_res_blocks skips of its own width, then one of the level below
+        # it (the downsampled output of level k-1, or the init_conv output at level 0).
+        self.ups = nn.ModuleList()
+        for k in reversed(range(levels)):
+            skip_chs = [widths[k]] * num_res_blocks + [widths[k - 1] if k > 0 else base_channels]
+            self.ups.append(UpBlock(ch, skip_chs, widths[k], time_dim, res in attn_resolutions,
+                                    upsample=k > 0, dropout=dropout))
+            ch, res = widths[k], res * 2 if k > 0 else res
+        self.out = nn.Sequential(group_norm(base_channels), nn.SiLU(),
+                                 nn.Conv2d(base_channels, channels, 3, padding=1))
+
+    def forward(self, x, t, y=None):
+        emb = self.time_embed(t)  # (B, time_dim)
+        if self.class_embed is not None:
+            if y is None:
+                y = torch.full_like(t, NULL_CLASS)
+            y = torch.where(y < 0, self.num_classes, y)  # -1 -> the null class row
+            emb = emb + self.class_embed(y)
+        h = self.init_conv(x)
+        skips = [h]
+        for down in self.downs:
+            h, level_skips = down(h, emb)
+            skips.extend(level_skips)
+        h = self.bottleneck(h, emb)
+        for up in self.ups:
+            h = up(h, skips, emb)  # pops num_res_blocks + 1 skips, last in first out
+        return self.out(h)
+
+
+PRESETS = {
+    # the DDPM paper's CIFAR-10 network (Appendix B): 35.7M parameters
+    "ddpm": dict(image_size=32, channels=3, base_channels=128, channel_mult=(1, 2, 2, 2),
+                 num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),
+    # the default: the same layout at half width and three levels, trainable on a laptop
+    "small": dict(image_size=32, channels=3, base_channels=64, channel_mult=(1, 2, 2),
+                  num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),
+    # for quick experiments on a CPU
+    "tiny": dict(image_size=32, channels=3, base_channels=32, channel_mult=(1, 2, 2),
+                 num_res_blocks=1, attn_resolutions=(16,), dropout=0.1),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Exponential moving average of the weights
+
+
+class EMA:
+    """Shadow weights w_ema <- d * w_ema + (1 - d) * w, with a warmed-up decay.
+
+    The decay d = min(decay, (1 + n) / (10 + n)) after n updates, so a short run is not
+    dominated by the random initial weights.
+    """
+
+    def __init__(self, model, decay=0.9995):
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model):
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.detach(), 1.0 - d)  # w_ema += (1 - d) (w - w_ema)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self):
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state):
+        self.decay, self.num_updates = state["decay"], state["num_updates"]
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+    def copy_to(self, model):
+        model.load_state_dict(self.shadow)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Noise schedules (computed in float64)
+
+
+def linear_beta_schedule(timesteps):
+    """DDPM Sec. 4: betas rise linearly from 1e-4 to 0.02 at T = 1000.
+
+    For other T the end points are scaled by 1000 / T, so that the total noise added
+    (and alpha-bar at the end) stays about the same.
+    """
+    scale = 1000.0 / timesteps
+    return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+
+
+def cosine_alphas_cumprod(timesteps, s=0.008):
+    """Nichol & Dhariwal Eq. 17: alpha-bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2).
+
+    Returns T + 1 values for paper t = 0..T (alpha-bar at paper t = 0 is exactly 1).
+    """
+    steps = np.arange(timesteps + 1, dtype=np.float64) / timesteps
+    f = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return f / f[0]
+
+
+def cosine_beta_schedule(timesteps, s=0.008):
+    """Nichol & Dhariwal Sec. 3.2: beta_t = 1 - alpha-bar_t / alpha-bar_{t-1}, clipped at 0.999."""
+    abar = cosine_alphas_cumprod(timesteps, s)
+    return np.clip(1 - abar[1:] / abar[:-1], 0, 0.999)
+
+
+SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
+
+
+# ----------------------------------------------------------------------------------------
+# 6. The Gaussian diffusion process
+
+
+def _extract(a, t, x):
+    """Gather a[t] for each batch element and shape it (B, 1, 1, 1) to broadcast against x."""
+    return a.gather(0, t).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def ddim_timesteps(num_timesteps, steps):
+    """The DDIM sub-sequence tau: `steps` evenly spaced timesteps from T-1 down to 0.
+
+    With steps >= 2 it starts at t = T-1 (pure noise) and ends at t = 0; with steps = 1 the
+    single step goes from t = T-1 straight to x0.
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"DDIM steps must be in [1, {num_timesteps}], got {steps}")
+    return np.linspace(num_timesteps - 1, 0, steps).round().astype(np.int64).tolist()
+
+
+class GaussianDiffusion(nn.Module):
+    """DDPM forward process q, its posterior, the training loss, and two samplers.
+
+    `model` is any callable model(x, t) (or model(x, t, y)) that returns eps_pred shaped like x.
+    """
+
+    def __init__(self, model, timesteps=1000, schedule="cosine"):
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose from {sorted(SCHEDULES)}")
+        self.model = model
+        self.num_timesteps = int(timesteps)
+        self.schedule = schedule
+
+        betas = SCHEDULES[schedule](self.num_timesteps)  # float64
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])  # alpha-bar_{t-1}; 1 at t=0
+
+        def buffer(name, value):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
+
+        buffer("betas", betas)
+        buffer("alphas", alphas)
+        buffer("alphas_cumprod", alphas_cumprod)
+        buffer("alphas_cumprod_prev", alphas_cumprod_prev)
+        # q(x_t | x_0), DDPM Eq. 4
+        buffer("sqrt_alphas_cumprod", np.sqrt(alphas_cumprod))
+        buffer("sqrt_one_minus_alphas_cumprod", np.sqrt(1.0 - alphas_cumprod))
+        # x0 from eps, DDPM Eq. 15
+        buffer("sqrt_recip_alphas_cumprod", np.sqrt(1.0 / alphas_cumprod))
+        buffer("sqrt_recipm1_alphas_cumprod", np.sqrt(1.0 / alphas_cumprod - 1))
+        # q(x_{t-1} | x_t, x_0), DDPM Eq. 6-7
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        buffer("posterior_variance", posterior_variance)
+        buffer("posterior_mean_coef1", betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod))
+        buffer("posterior_mean_coef2", (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod))
+
+    # -- forward process and posterior -----------------------------------------------------
+
+    def q_sample(self, x0, t, noise=None):
+        """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I).  DDPM Eq. 4."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return _extract(self.sqrt_alphas_cumprod, t, x0) * x0 + \
+            _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise  # DDPM Eq. 4
+
+    def q_posterior(self, x0, xt, t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0).  DDPM Eq. 6-7."""
+        mean = _extract(self.posterior_mean_coef1, t, xt) * x0 + \
+            _extract(self.posterior_mean_coef2, t, xt) * xt  # DDPM Eq. 7, mu-tilde
+        return mean, _extract(self.posterior_variance, t, xt)  # DDPM Eq. 7, beta-tilde
+
+    def predict_x0_from_eps(self, xt, t, eps):
+        """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t).  DDPM Eq. 15 (DDIM Eq. 9)."""
+        return _extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - \
+            _extract(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+
+    def predict_eps_from_x0(self, xt, t, x0):
+        """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), Eq. 4 solved for the noise."""
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / \
+            _extract(self.sqrt_recipm1_alphas_cumprod, t, xt)
+
+    # -- training ------------------------------------------------------------------------
+
+    def loss(self, x0, y=None, p_uncond=0.1, t=None, noise=None):
+        """L_simple = E_{t, x0, eps} ||eps - eps_theta(x_t, t)||^2.  DDPM Alg. 1, Eq. 14.
+
+        t is uniform over all T steps. For a conditional model, labels are replaced by the
+        null class with probability p_uncond (classifier-free guidance training). t and noise
+        may be fixed by the caller, as the validation loss does.
+        """
+        B = x0.shape[0]
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (B,), device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        xt = self.q_sample(x0, t, noise)
+        if y is not None and p_uncond > 0:
+            drop = torch.rand(B, device=x0.device) < p_uncond
+            y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
+        eps_pred = self.model(xt, t) if y is None else self.model(xt, t, y)
+        return F.mse_loss(eps_pred, noise)
+
+    # -- sampling helpers --------------------------------------------------------------------
+
+    def _eps(self, xt, t, y, guidance):
+        """eps_theta(x_t, t), with classifier-free guidance when y is given and guidance != 1.
+
+        Guided: eps = eps_uncond + w (eps_cond - eps_uncond), both halves in one network call.
+        """
+        tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
+        if y is None:
+            return self.model(xt, tt)
+        if guidance == 1.0:
+            return self.model(xt, tt, y)
+        eps_cond, eps_uncond = self.model(
+            torch.cat([xt, xt]), torch.cat([tt, tt]),
+            torch.cat([y, torch.full_like(y, NULL_CLASS)])).chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+    def _x0_and_eps(self, xt, t, y, guidance, clip_x0):
+        """Predicted x0 and eps at (x_t, t); clipping x0 to [-1, 1] re-derives eps from it."""
+        eps = self._eps(xt, t, y, guidance)
+        tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
+        x0_pred = self.predict_x0_from_eps(xt, tt, eps)
+        if clip_x0:
+            x0_pred = x0_pred.clamp(-1, 1)
+            eps = self.predict_eps_from_x0(xt, tt, x0_pred)
+        return x0_pred, eps
+
+    def _initial_noise(self, shape, generator, noise):
+        device = self.betas.device
+        if noise is not None:
+            return noise.to(device)
+        gen_device = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+    @staticmethod
+    def _randn_like(x, generator):
+        gen_device = generator.device if generator is not None else x.device
+        return torch.randn(x.shape, generator=generator, device=gen_device).to(x.device)
+
+    @staticmethod
+    def _progress(iterable, progress, desc):
+        if not progress:
+            return iterable
+        from tqdm.auto import tqdm
+        return tqdm(iterable, desc=desc, leave=False)
+
+    # -- DDPM ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def ddpm_sample(self, shape, y=None, guidance=1.0, generator=None, clip_x0=True,
+                    variance="posterior", noise=None, return_trajectory=False, progress=False):
+        """Ancestral sampling, DDPM Alg. 2: T network calls, from t = T-1 down to t = 0.
+
+        x_{t-1} = mu_theta(x_t, t) + sigma_t z, with mu_theta the posterior mean (Eq. 7) at the
+        predicted x0 (equal to Eq. 11 when x0 is not clipped), and sigma_t^2 the posterior
+        variance beta-tilde_t (variance="posterior") or beta_t (variance="beta"), Sec. 3.2.
+        Returns images in [-1, 1], and with return_trajectory also a dict of the x_t and
+        predicted x0 at each step (on the CPU).
+        """
+        if variance not in ("posterior", "beta"):
+            raise ValueError(f"variance must be 'posterior' or 'beta', got {variance!r}")
+        x = self._initial_noise(shape, generator, noise)  # x_T ~ N(0, I)
+        traj = {"t": [], "xt": [], "x0_pred": []}
+        for t in self._progress(range(self.num_timesteps - 1, -1, -1), progress, "DDPM"):
+            x0_pred, _ = self._x0_and_eps(x, t, y, guidance, clip_x0)
+            tt = torch.full((shape[0],), t, device=x.device, dtype=torch.long)
+            mean, posterior_var = self.q_posterior(x0_pred, x, tt)  # DDPM Eq. 7
+            var = posterior_var if variance == "posterior" else _extract(self.betas, tt, x)
+            if return_trajectory:
+                traj["t"].append(t)
+                traj["xt"].append(x.cpu())
+                traj["x0_pred"].append(x0_pred.cpu())
+            if t > 0:
+                x = mean + var.sqrt() * self._randn_like(x, generator)  # DDPM Alg. 2, line 4
+            else:
+                x = mean  # DDPM Alg. 2: no noise at the last step
+        return self._finish(x, traj, return_trajectory)
+
+    # -- DDIM ------------------------------------------------------------------------------
+
+    def ddim_sigma(self, alpha_bar_t, alpha_bar_prev, eta):
+        """sigma_t(eta) = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev).  DDIM Eq. 16."""
+        return eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * \
+            math.sqrt(1 - alpha_bar_t / alpha_bar_prev)
+
+    @torch.no_grad()
+    def ddim_sample(self, shape, steps=50, eta=0.0, y=None, guidance=1.0, generator=None,
+                    clip_x0=True, noise=None, return_trajectory=False, progress=False):
+        """DDIM sampling, DDIM Eq. 12, over `steps` evenly spaced timesteps (see ddim_timesteps).
+
+        x_prev = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma_t^2) eps + sigma_t z,
+        with sigma_t from eta by Eq. 16: eta = 0 is deterministic, eta = 1 over all T steps is
+        DDPM. Makes exactly `steps` network calls. Returns images in [-1, 1].
+        """
+        x = self._initial_noise(shape, generator, noise)
+        seq = ddim_timesteps(self.num_timesteps, steps)
+        abar = self.alphas_cumprod.double().cpu().numpy()
+        traj = {"t": [], "xt": [], "x0_pred": []}
+        for i in self._progress(range(len(seq)), progress, f"DDIM {steps}"):
+            t = seq[i]
+            alpha_bar_t = abar[t]
+            alpha_bar_prev = abar[seq[i + 1]] if i + 1 < len(seq) else 1.0  # x0 after the last
+            x0_pred, eps = self._x0_and_eps(x, t, y, guidance, clip_x0)
+            if return_trajectory:
+                traj["t"].append(t)
+                traj["xt"].append(x.cpu())
+                traj["x0_pred"].append(x0_pred.cpu())
+            sigma_t = self.ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)  # DDIM Eq. 16
+            dir_xt = math.sqrt(max(1 - alpha_bar_prev - sigma_t ** 2, 0.0)) * eps
+            x = math.sqrt(alpha_bar_prev) * x0_pred + dir_xt  # DDIM Eq. 12
+            if sigma_t > 0:
+                x = x + sigma_t * self._randn_like(x, generator)  # DDIM Eq. 12, random noise
+        return self._finish(x, traj, return_trajectory)
+
+    @torch.no_grad()
+    def ddim_invert(self, x0, steps=50, y=None, guidance=1.0, progress=False):
+        """Deterministic DDIM encoding x0 -> x_T: Eq. 12 with eta = 0 run backwards (DDIM Sec. 4.3,
+        the Euler step of the ODE, Eq. 13).
+
+        It visits the DDIM sub-sequence in reverse, evaluating eps at the step's target
+        timestep, so that ddim_sample(..., noise=x_T, steps, clip_x0=False) retraces it.
+        Makes exactly `steps` network calls.
+        """
+        seq = ddim_timesteps(self.num_timesteps, steps)[::-1]  # ascending: 0 ... T-1
+        abar = self.alphas_cumprod.double().cpu().numpy()
+        x = x0
+        alpha_bar_prev = 1.0  # x0 is the "timestep before" the first one
+        for t in self._progress(seq, progress, "DDIM inversion"):
+            alpha_bar_t = abar[t]
+            eps = self._eps(x, t, y, guidance)
+            x0_pred = (x - math.sqrt(1 - alpha_bar_prev) * eps) / math.sqrt(alpha_bar_prev)
+            x = math.sqrt(alpha_bar_t) * x0_pred + math.sqrt(1 - alpha_bar_t) * eps  # Eq. 12, eta = 0
+            alpha_bar_prev = alpha_bar_t
+        return x
+
+    @staticmethod
+    def _finish(x, traj, return_trajectory):
+        x = x.clamp(-1, 1)
+        if not return_trajectory:
+            return x
+        return x, {"t": traj["t"], "xt": torch.stack(traj["xt"]), "x0_pred": torch.stack(traj["x0_pred"])}

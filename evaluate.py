@@ -1,0 +1,414 @@
+"""Measure sample quality: FID, confident share and class coverage.
+
+  python evaluate.py train-classifier --dataset mnist           # once: the feature network
+  python evaluate.py --checkpoint runs/mnist/best.pt --num-samples 1000
+  python evaluate.py --samples samples.npz --dataset mnist --json report.json
+
+MNIST and Fashion-MNIST are scored in the feature space of a small classifier that this script
+trains (its own test accuracy is reported). CIFAR-10 uses the standard Inception FID from the
+optional package pytorch-fid (pip install pytorch-fid), against the training set.
+Samples come from an .npz (key arr_0, uint8, N x H x W x C, as OpenAI's evaluator reads), a
+folder of PNGs, or a checkpoint.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+SHAPES = {"mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+
+# ----------------------------------------------------------------------------------------
+# The Frechet distance
+
+
+def gaussian_stats(features):
+    """Mean and covariance of (N, D) features, in float64."""
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), Heusel et al. 2017.
+
+    Tr((S1 S2)^(1/2)) is the sum of square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2),
+    which is symmetric and positive semi-definite, so numpy's eigh suffices (no scipy).
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    w, v = np.linalg.eigh(sigma1)
+    sqrt_s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(sqrt_s1 @ sigma2 @ sqrt_s1)
+    tr_covmean = np.sqrt(np.clip(inner, 0, None)).sum()
+    fid = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return max(fid, 0.0)  # a true distance is >= 0; tiny negatives are round-off
+
+
+# ----------------------------------------------------------------------------------------
+# The feature network for MNIST-like data
+
+
+class Classifier(nn.Module):
+    """A small CNN. Its 128-d penultimate layer is the feature space for FID."""
+
+    def __init__(self, channels=1, num_classes=10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(32),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(128), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 128), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(128, num_classes))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    @torch.no_grad()
+    def features_and_probs(self, x):
+        f = self.body(x)
+        return f, F.softmax(self.head(f), dim=1)
+
+
+def default_classifier_path(dataset):
+    return Path("runs") / "classifiers" / f"{dataset}.pt"
+
+
+def uint8_nhwc_to_model(images):
+    """uint8 (N, H, W, C) numpy -> float (N, C, H, W) torch in [-1, 1]."""
+    return common.to_model_range(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2))
+
+
+@torch.no_grad()
+def classify(clf, images, device, batch_size=500):
+    """(features (N, 128), probabilities (N, 10)) for uint8 NHWC images."""
+    clf.eval()
+    feats, probs = [], []
+    for i in range(0, len(images), batch_size):
+        x = uint8_nhwc_to_model(images[i:i + batch_size]).to(device)
+        f, p = clf.features_and_probs(x)
+        feats.append(f.cpu())
+        probs.append(p.cpu())
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def dataset_nhwc(dataset, data_dir, split):
+    data = common.load_dataset(dataset, data_dir, SHAPES[dataset][0], SHAPES[dataset][2], split)
+    return data.images.permute(0, 2, 3, 1).numpy(), data.labels.numpy()
+
+
+def train_classifier(args):
+    """Train the feature network on the training split; cache test-split reference statistics."""
+    from tqdm.auto import tqdm
+    if args.dataset not in ("mnist", "fashion-mnist"):
+        common.fail("train-classifier is for mnist and fashion-mnist; CIFAR-10 uses Inception")
+    device = common.pick_device(args.device)
+    common.seed_everything(args.seed)
+    train_x, train_y = dataset_nhwc(args.dataset, args.data_dir, "train")
+    test_x, test_y = dataset_nhwc(args.dataset, args.data_dir, "test")
+    clf = Classifier(channels=1).to(device)
+    opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
+    x_all = uint8_nhwc_to_model(train_x)
+    y_all = torch.from_numpy(train_y)
+    steps = args.epochs * math.ceil(len(x_all) / 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    bar = tqdm(total=steps, desc="classifier")
+    for epoch in range(args.epochs):
+        clf.train()
+        perm = torch.randperm(len(x_all))
+        for i in range(0, len(perm), 128):
+            idx = perm[i:i + 128]
+            x = x_all[idx]
+            # augmentation: shifts of up to 2 pixels, so the classifier judges shape, not position
+            dx, dy = np.random.randint(-2, 3, size=2)
+            x = torch.roll(x, shifts=(int(dy), int(dx)), dims=(2, 3))
+            loss = F.cross_entropy(clf(x.to(device)), y_all[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    feats, probs = classify(clf, test_x, device)
+    accuracy = float((probs.argmax(1) == test_y).mean())
+    mu, sigma = gaussian_stats(feats)
+    out = Path(args.out or default_classifier_path(args.dataset))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    common.save_checkpoint({"kind": "classifier", "dataset": args.dataset,
+                            "state": {k: v.cpu() for k, v in clf.state_dict().items()},
+                            "test_accuracy": accuracy, "num_test": len(test_y),
+                            "ref_mu": torch.from_numpy(mu), "ref_sigma": torch.from_numpy(sigma)}, out)
+    print(f"classifier test accuracy {accuracy:.4f} on {len(test_y)} {args.dataset} test images; "
+          f"saved {out}")
+    return {"test_accuracy": accuracy, "path": str(out)}
+
+
+def load_classifier(path, dataset, device):
+    path = Path(path)
+    if not path.is_file():
+        common.fail(f"no classifier at {path}; train one first: "
+                    f"python evaluate.py train-classifier --dataset {dataset}")
+    try:
+        c = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(c, dict) and c.get("kind") == "classifier"
+        clf = Classifier(channels=1)
+        clf.load_state_dict(c["state"])
+    except Exception as e:
+        common.fail(f"{path} is not a classifier file of this project ({type(e).__name__})")
+    if c["dataset"] != dataset:
+        common.fail(f"{path} was trained on {c['dataset']}, not {dataset}")
+    return clf.to(device).eval(), c
+
+
+# ----------------------------------------------------------------------------------------
+# Loading samples: .npz, a folder of PNGs, or a checkpoint
+
+
+def check_samples(images, dataset, source):
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        dtype = getattr(images, "dtype", type(images).__name__)
+        common.fail(f"{source}: samples must be uint8 in [0, 255], got {dtype}")
+    if images.ndim != 4:
+        common.fail(f"{source}: samples must be N x H x W x C, got shape {images.shape}")
+    if dataset is not None and images.shape[1:] != SHAPES[dataset]:
+        common.fail(f"{source}: {dataset} samples must be N x {' x '.join(map(str, SHAPES[dataset]))}, "
+                    f"got {images.shape}")
+    if len(images) < 2:
+        common.fail(f"{source}: need at least 2 samples for statistics, got {len(images)}")
+    return images
+
+
+def load_npz(path):
+    path = Path(path)
+    if not path.is_file():
+        common.fail(f"samples file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "arr_0" not in z:
+                common.fail(f"{path} has no arr_0 (keys: {', '.join(z.files)})")
+            return z["arr_0"]
+    except (OSError, ValueError) as e:
+        common.fail(f"could not read {path} as .npz: {e}")
+
+
+def load_png_folder(path, channels):
+    from PIL import Image
+    files = sorted(Path(path).glob("*.png"))
+    if not files:
+        common.fail(f"no .png files in {path}")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("L" if channels == 1 else "RGB"), np.uint8)
+        except OSError as e:
+            common.fail(f"could not read {f}: {e}")
+        out.append(a[..., None] if channels == 1 else a)
+    if len({a.shape for a in out}) != 1:
+        common.fail(f"the PNGs in {path} differ in size")
+    return np.stack(out)
+
+
+def save_npz(images, path):
+    np.savez(path, arr_0=images)
+
+
+@torch.no_grad()
+def sample_from_checkpoint(ckpt, num_samples, sampler, steps, batch_size, device, seed,
+                           guidance=None, eta=0.0, class_id=None):
+    """Draw uint8 NHWC samples from a checkpoint's EMA weights; also the requested labels."""
+    from tqdm.auto import tqdm
+    model, diffusion, _ = common.model_from_checkpoint(ckpt, device)
+    model.to(memory_format=torch.channels_last)
+    cfg = ckpt["model_config"]
+    shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
+    num_classes = cfg.get("num_classes")
+    guidance = ckpt["args"].get("guidance", 1.0) if guidance is None else guidance
+    g = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    for i in tqdm(range(0, num_samples, batch_size), desc=f"sampling {sampler}"):
+        n = min(batch_size, num_samples - i)
+        y = None
+        if num_classes:
+            y = (torch.full((n,), class_id) if class_id is not None
+                 else torch.arange(i, i + n) % num_classes).to(device)
+            labels.append(y.cpu())
+        if sampler == "ddpm":
+            x = diffusion.ddpm_sample((n, *shape), y=y, guidance=guidance, generator=g)
+        else:
+            x = diffusion.ddim_sample((n, *shape), steps=steps, eta=eta, y=y, guidance=guidance,
+                                      generator=g)
+        images.append(common.to_uint8(x).permute(0, 2, 3, 1).cpu())
+    labels = torch.cat(labels).numpy() if labels else None
+    return torch.cat(images).numpy(), labels
+
+
+# ----------------------------------------------------------------------------------------
+# Scoring
+
+
+def class_report(probs, requested=None, threshold=0.9):
+    pred = probs.argmax(1)
+    hist = np.bincount(pred, minlength=probs.shape[1])
+    p = hist / hist.sum()
+    entropy = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
+    report = {"confident_share": float((probs.max(1) >= threshold).mean()),
+              "class_histogram": hist.tolist(), "class_entropy_bits": entropy,
+              "class_entropy_max_bits": math.log2(probs.shape[1])}
+    if requested is not None:
+        report["requested_class_share"] = float((pred == requested).mean())
+    return report
+
+
+def score_mnist_like(images, dataset, classifier_path, device, requested=None):
+    clf, c = load_classifier(classifier_path, dataset, device)
+    feats, probs = classify(clf, images, device)
+    mu, sigma = gaussian_stats(feats)
+    fid = frechet_distance(mu, sigma, c["ref_mu"].numpy(), c["ref_sigma"].numpy())
+    return {"fid": fid, "fid_features": "project classifier (128-d)",
+            "classifier_test_accuracy": c["test_accuracy"], **class_report(probs, requested)}
+
+
+def score_cifar(images, args, device):
+    """Inception FID (pytorch-fid) against the CIFAR-10 training set, statistics cached."""
+    try:
+        from pytorch_fid.inception import InceptionV3
+    except ImportError:
+        common.fail("CIFAR-10 FID needs the optional package pytorch-fid: pip install pytorch-fid")
+    if len(images) < 10000:
+        print(f"warning: FID from {len(images)} samples is biased upward; the standard is "
+              f"50,000 (at least 10,000)", file=sys.stderr)
+    net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+
+    @torch.no_grad()
+    def feats(x):
+        out = []
+        for i in range(0, len(x), 200):
+            b = torch.from_numpy(np.ascontiguousarray(x[i:i + 200])).permute(0, 3, 1, 2).float() / 255
+            out.append(net(b.to(device))[0].squeeze(-1).squeeze(-1).cpu())
+        return torch.cat(out).numpy()
+
+    cache = Path(args.data_dir) / "cifar10_train_inception_stats.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            ref_mu, ref_sigma = z["mu"], z["sigma"]
+    else:
+        ref, _ = dataset_nhwc("cifar10", args.data_dir, "train")
+        ref_mu, ref_sigma = gaussian_stats(feats(ref))
+        np.savez(cache, mu=ref_mu, sigma=ref_sigma)
+    mu, sigma = gaussian_stats(feats(images))
+    return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "fid_features": "Inception-v3 pool3"}
+
+
+def evaluate_images(images, dataset, args, device, requested=None):
+    """The report for uint8 NHWC images of `dataset`."""
+    report = {"dataset": dataset, "num_samples": int(len(images))}
+    if dataset == "cifar10":
+        report.update(score_cifar(images, args, device))
+    else:
+        path = args.classifier or default_classifier_path(dataset)
+        report.update(score_mnist_like(images, dataset, path, device, requested))
+    return report
+
+
+def print_report(report):
+    width = max(len(k) for k in report)
+    print("-" * (width + 30))
+    for k, v in report.items():
+        v = f"{v:.4f}" if isinstance(v, float) else v
+        print(f"{k:<{width}}  {v}")
+    print("-" * (width + 30))
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-classifier"]:
+        p = argparse.ArgumentParser(description="Train the FID feature network for MNIST-like data.")
+        p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
+        p.add_argument("--data-dir", default="./data")
+        p.add_argument("--epochs", type=int, default=3)
+        p.add_argument("--out", default=None, help="default runs/classifiers/<dataset>.pt")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--seed", type=int, default=0)
+        args = p.parse_args(argv[1:])
+        args.command = "train-classifier"
+        return args
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--samples", help="an .npz (arr_0: uint8 N x H x W x C) or a folder of PNGs")
+    src.add_argument("--checkpoint", help="draw samples from this checkpoint's EMA weights")
+    p.add_argument("--dataset", choices=sorted(SHAPES), default=None,
+                   help="what the samples imitate (default: from the checkpoint, else mnist)")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--classifier", default=None, help="default runs/classifiers/<dataset>.pt")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--guidance", type=float, default=None, help="default: the training setting")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="samples to draw (default 50000 for CIFAR-10, 10000 otherwise)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--save-npz", default=None, help="also save the drawn samples here")
+    p.add_argument("--json", default=None, help="write the report here as JSON")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="unused; reports go to --json")
+    args = p.parse_args(argv)
+    args.command = "evaluate"
+    return args
+
+
+def main(args):
+    if args.command == "train-classifier":
+        if args.epochs < 1:
+            common.fail("--epochs must be at least 1")
+        return train_classifier(args)
+    device = common.pick_device(args.device)
+    requested = None
+    if args.checkpoint:
+        ckpt = common.load_checkpoint(args.checkpoint)
+        dataset = args.dataset or ckpt["args"].get("dataset", "mnist")
+        if dataset not in SHAPES:
+            common.fail(f"the checkpoint was trained on {dataset!r}; pass --dataset to say which "
+                        f"reference to compare with ({', '.join(sorted(SHAPES))})")
+        n = args.num_samples or (50000 if dataset == "cifar10" else 10000)
+        if n < 2 or args.batch_size < 1:
+            common.fail("--num-samples must be at least 2 and --batch-size at least 1")
+        if not 1 <= args.steps <= ckpt["diffusion"]["timesteps"]:
+            common.fail(f"--steps must be in [1, {ckpt['diffusion']['timesteps']}]")
+        images, requested = sample_from_checkpoint(ckpt, n, args.sampler, args.steps,
+                                                   args.batch_size, device, args.seed,
+                                                   args.guidance, args.eta)
+        if args.save_npz:
+            save_npz(images, args.save_npz)
+        source = args.checkpoint
+    else:
+        dataset = args.dataset or "mnist"
+        source = args.samples
+        if Path(source).is_dir():
+            images = load_png_folder(source, SHAPES[dataset][2])
+        else:
+            images = load_npz(source)
+    images = check_samples(images, dataset, source)
+    report = evaluate_images(images, dataset, args, device, requested)
+    report["source"] = str(source)
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,108 @@
+"""Tiny data sets in the real on-disk formats, written by the tests themselves."""
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def write_idx(path, array, compress=True):
+    """Write a uint8 array as an IDX file (the MNIST format), optionally gzipped."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def digit_like_images(n, seed=0, size=28):
+    """n images of bars whose position depends on the label: learnable, but not trivial."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = np.zeros((n, size, size), np.uint8)
+    for i, y in enumerate(labels):
+        c = 3 + int(y) * (size - 6) // 10
+        images[i, 4:size - 4, c:c + 3] = 255
+    images = np.clip(images + rng.integers(0, 30, images.shape), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def write_mnist(root, n_train=96, n_test=40, folder="MNIST/raw", compress=True):
+    """A tiny MNIST in torchvision's layout: root/MNIST/raw/{train,t10k}-{images,labels}-..."""
+    raw = Path(root) / folder
+    raw.mkdir(parents=True, exist_ok=True)
+    ext = ".gz" if compress else ""
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        x, y = digit_like_images(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte{ext}", x, compress)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte{ext}", y, compress)
+    return Path(root)
+
+
+def write_image_folder(root, n_per_class=12, classes=("circles", "squares"), size=20):
+    """PNGs of different sizes, in colour, one sub-folder per class."""
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(classes):
+        d = Path(root) / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            s = int(size + rng.integers(0, 12))
+            im = Image.new("RGB", (s, s), (0, 0, 0))
+            draw = ImageDraw.Draw(im)
+            box = [s // 4, s // 4, 3 * s // 4, 3 * s // 4]
+            (draw.ellipse if k == 0 else draw.rectangle)(box, fill=(255, int(rng.integers(0, 255)), 0))
+            im.save(d / f"{i}.png")
+    return Path(root)
+
+
+def write_cifar10(root, n_per_batch=20, n_test=20):
+    """A tiny CIFAR-10 in its python pickle-batch layout: root/cifar-10-batches-py/."""
+    d = Path(root) / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_per_batch
+        labels = rng.integers(0, 10, n).tolist()
+        data = np.zeros((n, 3, 32, 32), np.uint8)
+        for i, y in enumerate(labels):
+            data[i, y % 3, 8:24, 2 + 2 * y:8 + 2 * y] = 250
+        data = data.reshape(n, 3072)
+        with open(d / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [f"{i}.png".encode() for i in range(n)]}, f)
+    return Path(root)
+
+
+# Denoisers with known answers ------------------------------------------------------------
+
+
+class OneImageDenoiser:
+    """The exact eps-predictor when the data set is the single image x_star:
+    eps(x_t, t) = (x_t - sqrt(abar_t) x_star) / sqrt(1 - abar_t). It counts its calls."""
+
+    def __init__(self, diffusion, x_star):
+        self.d, self.x_star, self.calls, self.ts = diffusion, x_star, 0, []
+
+    def __call__(self, x, t, y=None):
+        self.calls += 1
+        self.ts.append(int(t[0]))
+        abar = self.d.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (x - abar.sqrt() * self.x_star) / (1 - abar).sqrt()
+
+
+class GaussianDenoiser:
+    """The exact eps-predictor for data ~ N(mu, s^2 I): x_t ~ N(sqrt(abar) mu, abar s^2 + 1 - abar),
+    so E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar)."""
+
+    def __init__(self, diffusion, mu, s):
+        self.d, self.mu, self.s = diffusion, mu, s
+
+    def __call__(self, x, t, y=None):
+        abar = self.d.alphas_cumprod[t].view(-1, 1, 1, 1).double()
+        x = x.double()
+        eps = (1 - abar).sqrt() * (x - abar.sqrt() * self.mu) / (abar * self.s ** 2 + 1 - abar)
+        return eps.float()

@@ -1,0 +1,149 @@
+"""evaluate.py: the Frechet distance against closed forms, input loading, and the end-to-end report."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluate
+import train_diffusion
+from helpers import write_mnist
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(500, 16)) @ rng.normal(size=(16, 16))
+    mu, sigma = evaluate.gaussian_stats(f)
+    assert evaluate.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-6)
+
+
+def test_fid_matches_closed_form_for_diagonal_gaussians():
+    # For diagonal covariances: ||mu1 - mu2||^2 + sum_i (sqrt(s1_i) - sqrt(s2_i))^2
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([0.5, 1.0, 0.0])
+    s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([2.0, 1.0, 0.25])
+    closed = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
+    assert evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(closed, rel=1e-9)
+    # and from samples of those Gaussians, approximately
+    rng = np.random.default_rng(1)
+    a = mu1 + np.sqrt(s1) * rng.normal(size=(200000, 3))
+    b = mu2 + np.sqrt(s2) * rng.normal(size=(200000, 3))
+    est = evaluate.frechet_distance(*evaluate.gaussian_stats(a), *evaluate.gaussian_stats(b))
+    assert est == pytest.approx(closed, rel=0.02)
+
+
+def test_fid_rises_steadily_with_noise():
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(2000, 8))
+    ref = evaluate.gaussian_stats(base)
+    fids = [evaluate.frechet_distance(*evaluate.gaussian_stats(base + s * rng.normal(size=base.shape)), *ref)
+            for s in (0.0, 0.3, 0.6, 1.0, 2.0)]
+    assert fids[0] == pytest.approx(0, abs=1e-8)
+    assert all(a < b for a, b in zip(fids, fids[1:]))
+
+
+def test_class_report_entropy_and_confidence():
+    probs = np.zeros((40, 10))
+    probs[np.arange(40), np.arange(40) % 4] = 0.95  # 4 classes used evenly, confident
+    probs[np.arange(40), 9] += 0.05
+    probs[:10, :] = 0.1  # 10 unsure samples (argmax 0)
+    r = evaluate.class_report(probs, requested=np.arange(40) % 4)
+    assert r["confident_share"] == 0.75
+    assert sum(r["class_histogram"]) == 40
+    p = np.array(r["class_histogram"]) / 40
+    assert r["class_entropy_bits"] == pytest.approx(-(p[p > 0] * np.log2(p[p > 0])).sum())
+    assert r["requested_class_share"] == pytest.approx((np.array([0] * 10 + [k % 4 for k in range(10, 40)]) == np.arange(40) % 4).mean())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny data set, a classifier trained on it, and a tiny diffusion checkpoint."""
+    root = tmp_path_factory.mktemp("eval")
+    write_mnist(root / "data", n_train=200, n_test=100)
+    clf = root / "clf.pt"
+    report = evaluate.main(evaluate.parse_args(["train-classifier", "--data-dir", str(root / "data"),
+                                                "--epochs", "3", "--out", str(clf), "--device", "cpu"]))
+    train_diffusion.main(train_diffusion.parse_args(
+        ["--hidden-dims", "8", "16", "16", "--time-dim", "16", "--batch-size", "32", "--val-size", "16",
+         "--timesteps", "50", "--sample-steps", "5", "--device", "cpu", "--epochs", "1",
+         "--class-cond", "--data-dir", str(root / "data"), "--out-dir", str(root / "run")]))
+    return root, clf, report
+
+
+def test_classifier_learns_the_data(trained):
+    _, _, report = trained
+    assert report["test_accuracy"] > 0.9
+
+
+def test_real_test_images_score_well_and_noise_scores_badly(trained, tmp_path):
+    root, clf, _ = trained
+    real, labels = evaluate.dataset_nhwc("mnist", root / "data", "test")
+    np.savez(tmp_path / "real.npz", arr_0=real)
+    noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
+    np.savez(tmp_path / "noise.npz", arr_0=noise)
+    common_args = ["--classifier", str(clf), "--device", "cpu", "--data-dir", str(root / "data")]
+    r_real = evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "real.npz"), *common_args,
+                                                "--json", str(tmp_path / "r.json")]))
+    r_noise = evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "noise.npz"), *common_args]))
+    assert r_real["fid"] == pytest.approx(0, abs=1e-3)  # the reference is this very split
+    assert r_noise["fid"] > 10 * max(r_real["fid"], 1.0)
+    assert r_real["confident_share"] > 0.8
+    assert json.loads((tmp_path / "r.json").read_text())["num_samples"] == len(real)
+
+
+def test_png_folder_gives_the_same_report_as_npz(trained, tmp_path):
+    root, clf, _ = trained
+    real, _ = evaluate.dataset_nhwc("mnist", root / "data", "test")
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, im in enumerate(real[:50]):
+        Image.fromarray(im[..., 0]).save(folder / f"{i:04d}.png")
+    np.savez(tmp_path / "s.npz", arr_0=real[:50])
+    a = evaluate.main(evaluate.parse_args(["--samples", str(folder), "--classifier", str(clf), "--device", "cpu"]))
+    b = evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "s.npz"), "--classifier", str(clf), "--device", "cpu"]))
+    assert a["fid"] == pytest.approx(b["fid"]) and a["num_samples"] == 50
+
+
+def test_checkpoint_samples_are_scored_with_requested_classes(trained, tmp_path):
+    root, clf, _ = trained
+    r = evaluate.main(evaluate.parse_args(["--checkpoint", str(root / "run" / "last.pt"), "--num-samples", "20",
+                                           "--steps", "5", "--classifier", str(clf), "--device", "cpu",
+                                           "--save-npz", str(tmp_path / "drawn.npz")]))
+    assert r["num_samples"] == 20 and "requested_class_share" in r and r["fid"] > 0
+    with np.load(tmp_path / "drawn.npz") as z:
+        assert z["arr_0"].shape == (20, 28, 28, 1) and z["arr_0"].dtype == np.uint8
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((10, 28, 28, 1), np.float32), "must be uint8"),
+    (np.zeros((10, 28, 28), np.uint8), "N x H x W x C"),
+    (np.zeros((10, 32, 32, 3), np.uint8), "mnist samples must be N x 28 x 28 x 1"),
+    (np.zeros((1, 28, 28, 1), np.uint8), "at least 2 samples"),
+])
+def test_bad_sample_arrays(trained, tmp_path, array, message):
+    _, clf, _ = trained
+    np.savez(tmp_path / "bad.npz", arr_0=array)
+    with pytest.raises(SystemExit, match=message):
+        evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "bad.npz"), "--classifier", str(clf)]))
+
+
+def test_bad_files(trained, tmp_path):
+    _, clf, _ = trained
+    with pytest.raises(SystemExit, match="does not exist"):
+        evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "missing.npz")]))
+    np.savez(tmp_path / "nokey.npz", images=np.zeros((4, 28, 28, 1), np.uint8))
+    with pytest.raises(SystemExit, match="no arr_0"):
+        evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "nokey.npz")]))
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="could not read"):
+        evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "junk.npz")]))
+    np.savez(tmp_path / "ok.npz", arr_0=np.zeros((4, 28, 28, 1), np.uint8))
+    with pytest.raises(SystemExit, match="train one first"):
+        evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "ok.npz"),
+                                           "--classifier", str(tmp_path / "none.pt")]))
+    with pytest.raises(SystemExit, match="not a classifier"):
+        evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "ok.npz"),
+                                           "--classifier", str(tmp_path / "junk.npz")]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no .png files"):
+        evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "empty")]))

@@ -1,0 +1,159 @@
+"""ddim_compare.py, interpolate.py and timestep_analysis.py end to end on a tiny checkpoint,
+and the variational bound against known answers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import ddim_compare
+import diffusion
+import evaluate
+import interpolate
+import timestep_analysis
+import train_diffusion
+from helpers import OneImageDenoiser, write_mnist
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tiny data, a classifier, an unconditional and a conditional checkpoint (T = 20)."""
+    root = tmp_path_factory.mktemp("exp")
+    write_mnist(root / "data", n_train=96, n_test=40)
+    evaluate.main(evaluate.parse_args(["train-classifier", "--data-dir", str(root / "data"), "--epochs", "1",
+                                       "--out", str(root / "clf.pt"), "--device", "cpu"]))
+    common_args = ["--hidden-dims", "8", "16", "16", "--time-dim", "16", "--batch-size", "16", "--val-size", "16",
+                   "--timesteps", "20", "--sample-steps", "4", "--device", "cpu", "--epochs", "1",
+                   "--data-dir", str(root / "data")]
+    train_diffusion.main(train_diffusion.parse_args([*common_args, "--out-dir", str(root / "u")]))
+    train_diffusion.main(train_diffusion.parse_args([*common_args, "--class-cond", "--out-dir", str(root / "c")]))
+    return root
+
+
+def test_ddim_compare_writes_everything(setup, tmp_path):
+    root = setup
+    out = tmp_path / "cmp"
+    results = ddim_compare.main(ddim_compare.parse_args(
+        ["--checkpoint", str(root / "u" / "last.pt"), "--steps", "2", "5", "20", "--eta", "0", "0.5",
+         "--num-samples", "12", "--batch-size", "5", "--classifier", str(root / "clf.pt"),
+         "--save-npz", "--device", "cpu", "--out-dir", str(out), "--data-dir", str(root / "data")]))
+    names = [r["setting"] for r in results]
+    assert names == ["ddpm_20", "ddim_2", "ddim_5", "ddim_20", "ddim_2_eta0.5", "ddim_5_eta0.5", "ddim_20_eta0.5"]
+    by = {r["setting"]: r for r in results}
+    assert by["ddim_20"]["distance_to_ddim_T"] == 0.0  # it is the reference
+    assert by["ddim_2"]["distance_to_ddim_T"] > 0
+    assert all(r["fid"] is not None and r["fid"] >= 0 and r["images_per_s"] > 0 for r in results)
+    for f in ("comparison_grid.png", "quality_vs_steps.png", "time_vs_steps.png", "results.csv", "results.json",
+              "ddim_2.npz", "ddpm_20.npz", "ddim_5_eta0.5.npz"):
+        assert (out / f).is_file(), f
+    with np.load(out / "ddim_2.npz") as z:
+        assert z["arr_0"].shape == (12, 28, 28, 1) and z["arr_0"].dtype == np.uint8
+    assert len(json.loads((out / "results.json").read_text())["results"]) == 7
+
+
+def test_ddim_compare_same_noise_gives_the_same_ddim_samples(setup, tmp_path):
+    root = setup
+    args = ["--checkpoint", str(root / "c" / "last.pt"), "--steps", "4", "--no-ddpm", "--no-fid",
+            "--num-samples", "6", "--class", "3", "--device", "cpu"]
+    a = ddim_compare.main(ddim_compare.parse_args([*args, "--out-dir", str(tmp_path / "a"), "--save-npz"]))
+    b = ddim_compare.main(ddim_compare.parse_args([*args, "--out-dir", str(tmp_path / "b"), "--save-npz",
+                                                   "--batch-size", "4"]))
+    assert a[0]["fid"] is None
+    with np.load(tmp_path / "a" / "ddim_4.npz") as za, np.load(tmp_path / "b" / "ddim_4.npz") as zb:
+        assert np.array_equal(za["arr_0"], zb["arr_0"])  # batching does not change the result
+
+
+def test_ddim_compare_bad_input(setup, tmp_path):
+    root = setup
+    ck = str(root / "u" / "last.pt")
+    with pytest.raises(SystemExit, match=r"must be in \[1, 20\]"):
+        ddim_compare.main(ddim_compare.parse_args(["--checkpoint", ck, "--steps", "50", "--no-fid"]))
+    with pytest.raises(SystemExit, match="--class needs a conditional"):
+        ddim_compare.main(ddim_compare.parse_args(["--checkpoint", ck, "--class", "3", "--no-fid", "--steps", "2"]))
+    with pytest.raises(SystemExit, match="train-classifier"):
+        ddim_compare.main(ddim_compare.parse_args(["--checkpoint", ck, "--steps", "2",
+                                                   "--classifier", str(tmp_path / "none.pt")]))
+
+
+def test_slerp_keeps_the_norm_and_lerp_does_not():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 1, 28, 28, generator=g), torch.randn(1, 1, 28, 28, generator=g)
+    assert torch.allclose(interpolate.slerp(a, b, 0.0), a, atol=1e-5)
+    assert torch.allclose(interpolate.slerp(a, b, 1.0), b, atol=1e-5)
+    mid_s, mid_l = interpolate.slerp(a, b, 0.5), interpolate.lerp(a, b, 0.5)
+    assert mid_s.norm() / a.norm() == pytest.approx(1.0, abs=0.05)
+    assert mid_l.norm() / a.norm() == pytest.approx(math.sqrt(0.5), abs=0.05)
+
+
+def test_interpolate_all_modes(setup, tmp_path):
+    root = setup
+    out = tmp_path / "i"
+    report = interpolate.main(interpolate.parse_args(
+        ["--checkpoint", str(root / "c" / "last.pt"), "--frames", "5", "--steps", "20", "--device", "cpu",
+         "--out-dir", str(out), "--data-dir", str(root / "data")]))
+    for name in ("noise", "image", "class"):
+        assert (out / f"{name}_interpolation.png").is_file() and (out / f"{name}_interpolation.gif").is_file()
+    assert report["noise"]["midpoint_norm_lerp"] < 0.8 < report["noise"]["midpoint_norm_slerp"]
+    assert report["images"]["reconstruction_mae"] >= 0
+    from PIL import Image
+    assert Image.open(out / "noise_interpolation.gif").n_frames == 5 + 3  # forward and back
+    with pytest.raises(SystemExit, match="class-conditional"):
+        interpolate.main(interpolate.parse_args(["--checkpoint", str(root / "u" / "last.pt"), "--mode", "classes",
+                                                 "--device", "cpu", "--out-dir", str(out)]))
+
+
+def test_variational_bound_terms_are_nonnegative_and_trained_beats_untrained():
+    torch.manual_seed(0)
+    T = 100
+    x_star = (torch.randint(0, 256, (1, 1, 8, 8)).float() / 127.5 - 1)  # on the 8-bit grid
+    x0 = x_star.repeat(4, 1, 1, 1)
+    exact = diffusion.GaussianDiffusion(None, T, "cosine")
+    exact.model = OneImageDenoiser(exact, x_star)  # the perfect model of a one-image data set
+    untrained = diffusion.GaussianDiffusion(diffusion.DiffusionModel(image_size=8, hidden_dims=(8, 16), time_dim=16).eval(),
+                                            T, "cosine")
+    g = torch.Generator().manual_seed(1)
+    good = timestep_analysis.variational_bound(exact, x0, generator=g)
+    bad = timestep_analysis.variational_bound(untrained, x0, generator=g)
+    for r in (good, bad):
+        assert (r["kl"] >= -1e-4).all() and (r["prior"] >= 0).all() and (r["decoder"] >= 0).all()
+        assert r["evaluated_t"] == list(range(T - 1, 0, -1))
+    # the perfect model pays only for the prior and a sharp decoder
+    assert good["kl"].abs().max() < 1e-2
+    assert bad["bits_per_dim"].mean() > 10 * good["bits_per_dim"].mean()
+    assert bad["bits_per_dim"].mean() > 1.0
+    strided = timestep_analysis.variational_bound(untrained, x0, stride=4, generator=g)
+    assert strided["evaluated_t"] == list(range(T - 1, 0, -4))
+
+
+def test_gaussian_kl_and_discretized_nll_against_closed_forms():
+    m1, v1, m2, v2 = torch.tensor(0.3), torch.tensor(0.5), torch.tensor(-0.2), torch.tensor(2.0)
+    closed = math.log(math.sqrt(2.0) / math.sqrt(0.5)) + (0.5 + 0.25) / (2 * 2.0) - 0.5
+    assert timestep_analysis.gaussian_kl(m1, v1, m2, v2).item() == pytest.approx(closed, rel=1e-6)
+    assert timestep_analysis.gaussian_kl(m1, v1, m1, v1).item() == pytest.approx(0, abs=1e-7)
+    # the probabilities of all 256 bins sum to 1
+    grid = torch.arange(256).float() / 127.5 - 1
+    nll = timestep_analysis.discretized_gaussian_nll(grid, torch.full_like(grid, 0.1), torch.full_like(grid, 0.09))
+    assert torch.exp(-nll).sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_timestep_analysis_end_to_end(setup, tmp_path):
+    root = setup
+    out = tmp_path / "t"
+    report = timestep_analysis.main(timestep_analysis.parse_args(
+        ["--checkpoint", str(root / "u" / "last.pt"), "--loss-images", "8", "--loss-points", "5",
+         "--vlb-images", "4", "--trajectory-samples", "2", "--snapshots", "4", "--device", "cpu",
+         "--out-dir", str(out), "--data-dir", str(root / "data")]))
+    for f in ("forward_process.png", "schedules.png", "loss_per_timestep.png", "vlb_terms.png",
+              "trajectory.png", "trajectory.gif", "analysis.json"):
+        assert (out / f).is_file(), f
+    v = report["vlb"]
+    assert v["bits_per_dim"] > 0 and v["prior_bpd"] >= 0 and v["decoder_bpd"] >= 0
+    assert v["bits_per_dim"] == pytest.approx(v["prior_bpd"] + v["kl_sum_bpd"] + v["decoder_bpd"], rel=1e-4)
+    assert len(report["loss_per_timestep"]) == 5
+    # without a checkpoint: only the data figures
+    r = timestep_analysis.main(timestep_analysis.parse_args(["--out-dir", str(tmp_path / "n"), "--data-dir",
+                                                             str(root / "data")]))
+    assert "vlb" not in r and (tmp_path / "n" / "schedules.png").is_file()

@@ -1,0 +1,213 @@
+"""train_diffusion.py end to end on tiny data sets in the real formats, and its failures."""
+
+import csv
+import os
+import signal
+
+import pytest
+import torch
+from PIL import Image
+
+import common
+import diffusion
+import train_diffusion
+from helpers import write_idx, write_image_folder, write_mnist
+
+TINY = ["--hidden-dims", "8", "16", "16", "--time-dim", "16", "--batch-size", "16",
+        "--val-size", "16", "--timesteps", "50", "--sample-steps", "5", "--device", "cpu",
+        "--warmup", "2"]
+
+
+def run(tmp_path, *extra, out="out"):
+    args = train_diffusion.parse_args([*TINY, "--data-dir", str(tmp_path / "data"),
+                                       "--out-dir", str(tmp_path / out), *extra])
+    return train_diffusion.main(args).state
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+    write_mnist(tmp_path / "data")
+    return tmp_path
+
+
+def test_end_to_end_writes_every_output(mnist_dir):
+    state = run(mnist_dir, "--epochs", "2")
+    out = mnist_dir / "out"
+    assert state["epoch"] == 2 and state["step"] == 2 * (80 // 16)
+    for name in ("last.pt", "best.pt", "metrics.csv", "loss_curve.png", "samples_epoch001.png",
+                 "samples_epoch002.png", "samples.png"):
+        assert (out / name).is_file(), name
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == common.METRIC_FIELDS
+    assert [float(r["epoch"]) for r in rows] == [1.0, 2.0]
+    assert all(float(r["val_loss"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+    # 64 samples in an 8 x 8 grid of 28-pixel images with 2-pixel padding
+    assert Image.open(out / "samples.png").size == (8 * 30 + 2, 8 * 30 + 2)
+
+    # the checkpoint holds everything, and the model can be rebuilt from it alone
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    for key in ("kind", "model_config", "model", "ema", "optimizer", "state", "rng", "args", "diffusion"):
+        assert key in ckpt
+    assert ckpt["kind"] == "mnist" and ckpt["state"]["step"] == 10
+    model = diffusion.DiffusionModel(**ckpt["model_config"])
+    model.load_state_dict(ckpt["ema"]["shadow"])
+    model2, diff2, module = common.model_from_checkpoint(ckpt, "cpu")
+    assert module is diffusion and diff2.num_timesteps == 50 and diff2.schedule == "cosine"
+
+
+def test_resume_continues_exactly(mnist_dir):
+    run(mnist_dir, "--epochs", "2", out="straight")
+    run(mnist_dir, "--epochs", "1", out="split")
+    split = mnist_dir / "split"
+    args = train_diffusion.parse_args(["--resume", str(split / "last.pt"), "--epochs", "2",
+                                       "--out-dir", str(split), "--device", "cpu",
+                                       "--data-dir", str(mnist_dir / "data")])
+    train_diffusion.main(args)
+    a = torch.load(mnist_dir / "straight" / "last.pt", weights_only=True)
+    b = torch.load(split / "last.pt", weights_only=True)
+    assert a["state"] == b["state"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
+    with open(split / "metrics.csv") as f:
+        assert [float(r["epoch"]) for r in csv.DictReader(f)] == [1.0, 2.0]
+
+
+def test_budgets_stop_early_and_resume_mid_epoch(mnist_dir):
+    state = run(mnist_dir, "--max-steps", "3")
+    assert state["step"] == 3 and state["epoch"] == 0 and state["batch_in_epoch"] == 3
+    out = mnist_dir / "out"
+    assert (out / "samples.png").is_file() and (out / "samples_epoch001.png").is_file()
+    args = train_diffusion.parse_args(["--resume", str(out / "last.pt"), "--epochs", "1",
+                                       "--out-dir", str(out), "--device", "cpu",
+                                       "--data-dir", str(mnist_dir / "data")])
+    state = train_diffusion.main(args).state
+    assert state["epoch"] == 1 and state["step"] == 5  # the epoch was finished, not restarted
+    state = run(mnist_dir, "--max-minutes", "0.0001", out="timed")
+    assert state["step"] == 1
+
+
+def test_early_stopping_and_best_checkpoint(mnist_dir):
+    # a min-delta no improvement can reach: stops after --patience epochs without one
+    state = run(mnist_dir, "--epochs", "10", "--patience", "2", "--min-delta", "100")
+    assert state["epoch"] == 2 and state["bad_epochs"] == 2
+    assert not (mnist_dir / "out" / "best.pt").exists()
+    state = run(mnist_dir, "--epochs", "2", "--min-delta", "0", out="b")
+    best = torch.load(mnist_dir / "b" / "best.pt", weights_only=True)
+    assert best["state"]["best_val"] == state["best_val"]
+
+
+def test_class_conditional_grid_has_a_row_per_class(mnist_dir):
+    run(mnist_dir, "--epochs", "1", "--class-cond", "--guidance", "3")
+    ckpt = torch.load(mnist_dir / "out" / "last.pt", weights_only=True)
+    assert ckpt["model_config"]["num_classes"] == 10
+    assert Image.open(mnist_dir / "out" / "samples.png").size == (8 * 30 + 2, 10 * 30 + 2)
+
+
+def test_image_folder_dataset(tmp_path):
+    folder = write_image_folder(tmp_path / "shapes", n_per_class=20)
+    args = train_diffusion.parse_args([*TINY, "--dataset", str(folder), "--image-size", "16",
+                                       "--hidden-dims", "8", "16", "--val-size", "8",
+                                       "--epochs", "1", "--class-cond", "--out-dir", str(tmp_path / "o")])
+    train_diffusion.main(args)
+    ckpt = torch.load(tmp_path / "o" / "last.pt", weights_only=True)
+    assert ckpt["model_config"]["image_size"] == 16 and ckpt["model_config"]["num_classes"] == 2
+    assert Image.open(tmp_path / "o" / "samples.png").size == (8 * 18 + 2, 2 * 18 + 2)
+
+
+def test_idx_files_read_from_a_flat_folder_uncompressed(tmp_path):
+    # Debian-style: the four files directly in one folder, here without .gz
+    write_mnist(tmp_path, folder="flat", compress=False)
+    data = common.load_dataset("fashion-mnist", tmp_path / "flat", 28, 1, download=False)
+    assert data.images.shape == (96, 1, 28, 28) and data.images.dtype == torch.uint8
+    assert data.labels.shape == (96,) and data.num_classes == 10
+    test = common.load_dataset("fashion-mnist", tmp_path / "flat", 28, 1, split="test", download=False)
+    assert len(test.images) == 40
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(mnist_dir, monkeypatch):
+    run(mnist_dir, "--epochs", "1")
+    last = mnist_dir / "out" / "last.pt"
+    before = last.read_bytes()
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "loss",
+                        lambda self, x0, *a, **k: self.model(x0, torch.zeros(len(x0), dtype=torch.long)).sum() * float("nan"))
+    with pytest.raises(SystemExit, match="loss became nan at step 5"):
+        train_diffusion.main(train_diffusion.parse_args(
+            ["--resume", str(last), "--epochs", "2", "--out-dir", str(mnist_dir / "out"),
+             "--device", "cpu", "--data-dir", str(mnist_dir / "data")]))
+    assert last.read_bytes() == before
+
+
+def test_ctrl_c_saves_last_and_exits(mnist_dir, monkeypatch):
+    real_loss = diffusion.GaussianDiffusion.loss
+    calls = []
+
+    def loss_then_interrupt(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+        return real_loss(self, *a, **k)
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "loss", loss_then_interrupt)
+    handler_before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as exc:
+        run(mnist_dir, "--epochs", "3")
+    assert exc.value.code == 130
+    ckpt = torch.load(mnist_dir / "out" / "last.pt", weights_only=True)
+    assert ckpt["state"]["step"] == 2 and ckpt["state"]["batch_in_epoch"] == 2
+    assert signal.getsignal(signal.SIGINT) is handler_before  # restored
+
+
+def test_missing_data_offline_gives_a_clear_message(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*a, **k):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(SystemExit, match=r"mnist \(train split\) is not in .*MNIST/raw"):
+        run(tmp_path, "--epochs", "1")
+
+
+def test_bad_checkpoints_are_refused(mnist_dir):
+    out = mnist_dir / "out"
+    out.mkdir()
+    (out / "garbage.pt").write_bytes(os.urandom(2000))
+    with pytest.raises(SystemExit, match="corrupted or not a checkpoint"):
+        run(mnist_dir, "--resume", str(out / "garbage.pt"))
+    common.save_checkpoint({"kind": "cifar", "model_config": {}, "diffusion": {}, "model": {},
+                            "ema": {}}, out / "cifar.pt")
+    with pytest.raises(SystemExit, match="train_diffusion_cifar.py"):
+        run(mnist_dir, "--resume", str(out / "cifar.pt"))
+    torch.save({"weights": torch.zeros(3)}, out / "other.pt")
+    with pytest.raises(SystemExit, match="not a checkpoint of this project"):
+        run(mnist_dir, "--resume", str(out / "other.pt"))
+    with pytest.raises(SystemExit, match="does not exist"):
+        run(mnist_dir, "--resume", str(out / "nope.pt"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--sample-steps", "60"], "cannot exceed --timesteps"),
+    (["--val-size", "96"], "--val-size must be between"),
+    (["--batch-size", "100"], "cannot fill one batch"),
+    (["--lr", "-1"], "--lr must be a positive"),
+    (["--image-size", "30"], "must be divisible"),
+    (["--dataset", "imagenet"], "neither a known data set"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--p-uncond", "1.5"], ""),
+])
+def test_impossible_arguments(mnist_dir, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        run(mnist_dir, *extra)
+
+
+def test_corrupted_idx_file(tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    write_mnist(tmp_path / "data")
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(SystemExit, match="could not read IDX file"):
+        run(tmp_path)
+    write_idx(raw / "train-images-idx3-ubyte.gz", torch.zeros(5, 28, 28, dtype=torch.uint8).numpy())
+    with pytest.raises(SystemExit, match="inconsistent shapes"):
+        run(tmp_path)
