@@ -52,13 +52,15 @@ def peak_memory_mb(device):
 
 def models(args):
     """(name, module, model config, schedule) for every model to measure."""
+    import diffusion_cifar
     out = [("mnist", diffusion, diffusion.DiffusionModel().config, "cosine")]
-    try:
-        import diffusion_cifar
-    except ImportError:
-        return out
-    for preset in args.presets or list(diffusion_cifar.PRESETS):
+    for preset in diffusion_cifar.PRESETS:
         out.append((f"cifar-{preset}", diffusion_cifar, dict(diffusion_cifar.PRESETS[preset]), "linear"))
+    if args.models:
+        unknown = set(args.models) - {name for name, *_ in out}
+        if unknown:
+            common.fail(f"unknown --models {sorted(unknown)}; choose from {[n for n, *_ in out]}")
+        out = [m for m in out if m[0] in args.models]
     return out
 
 
@@ -180,7 +182,9 @@ def parse_args(argv=None):
     p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--train-steps", type=int, default=3, help="optimizer steps per timed run")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--presets", nargs="*", default=None, help="CIFAR presets (default: all)")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="which models: mnist, cifar-ddpm, cifar-small, cifar-tiny (default: all)")
+    p.add_argument("--no-sampling", action="store_true", help="time training and forward only")
     p.add_argument("--ddpm-probe", type=int, default=20,
                    help="DDPM steps actually timed; the figure is scaled to 1000 steps")
     p.add_argument("--full-ddpm", action="store_true", help="time all 1000 DDPM steps")
@@ -200,7 +204,7 @@ def main(args):
     torch.manual_seed(args.seed)
     if args.quick:
         args.batch_sizes, args.repeats, args.train_steps, args.ddpm_probe = [64], 2, 2, 5
-        args.presets = args.presets if args.presets is not None else []
+        args.models = args.models or ["mnist"]
     if min(args.batch_sizes + [args.train_batch, args.train_steps, args.repeats, args.ddpm_probe]) < 1:
         common.fail("batch sizes, --train-steps, --repeats and --ddpm-probe must be at least 1")
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
@@ -213,7 +217,7 @@ def main(args):
         rows.append(bench_training(name, module, config, schedule, args.train_batch, device, args))
         rows.append(bench_forward(name, module, config, args.train_batch, device, args))
         print(rows[-2], rows[-1], sep="\n")
-        sampling = [("ddim", 10), ("ddim", 50), ("ddpm", 1000)]
+        sampling = [] if args.no_sampling else [("ddim", 10), ("ddim", 50), ("ddpm", 1000)]
         for sampler, steps in sampling:
             for batch in args.batch_sizes:
                 rows.append(bench_sampling(name, module, config, schedule, sampler, steps, batch, device, args))

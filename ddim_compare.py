@@ -112,7 +112,8 @@ def plot_vs_steps(results, key, ylabel, path, title):
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -155,7 +156,6 @@ def main(args):
              else torch.arange(shape[0]) % num_classes).to(device)
     guidance = ckpt["args"].get("guidance", 1.0) if args.guidance is None else args.guidance
 
-    # the reference: deterministic DDIM over all T steps, the limit that fewer steps approach
     def run(sampler, steps, eta):
         start = time.perf_counter()
         x = draw(diffusion, sampler, steps, eta, noise, y, guidance, args.batch_size, args.seed)
@@ -163,14 +163,14 @@ def main(args):
             torch.cuda.synchronize()
         return x, time.perf_counter() - start
 
-    cache = {}
+    samples = {}  # setting name -> images in [-1, 1]
     reference = None
     results, grid_rows, grid_labels = [], [], []
     for sampler, steps, eta in settings(args, T):
         name = name_of(sampler, steps, eta)
         print(f"{name}: sampling {args.num_samples} images ...")
         x, seconds = run(sampler, steps, eta)
-        cache[(sampler, steps, eta)] = x
+        samples[name] = x
         if sampler == "ddim" and steps == T and eta == 0:
             reference = x
         images = common.to_uint8(x).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
@@ -185,13 +185,12 @@ def main(args):
                         "images_per_s": args.num_samples / seconds, "fid": fid})
         grid_rows.append(x[:8])
         grid_labels.append(name.replace("_", " "))
-    if reference is None:
+    if reference is None:  # deterministic DDIM over all T steps: the limit fewer steps approach
         print(f"ddim_{T} (reference for the distance column): sampling ...")
         reference, _ = run("ddim", T, 0.0)
     for r in results:
-        x = cache[(r["sampler"], r["steps"], r["eta"] if r["eta"] is not None else 1.0)]
         # mean absolute pixel difference, in units of the [0, 1] pixel range
-        r["distance_to_ddim_T"] = float((x - reference).abs().mean() / 2)
+        r["distance_to_ddim_T"] = float((samples[r["setting"]] - reference).abs().mean() / 2)
 
     plot_rows(grid_rows, grid_labels, out_dir / "comparison_grid.png")
     plot_vs_steps(results, "fid", "FID (lower is better)", out_dir / "quality_vs_steps.png",

@@ -269,10 +269,12 @@ class EMA:
     def update(self, model):
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach(), 1.0 - d)  # w_ema += (1 - d) (w - w_ema)
-            else:
+        current = model.state_dict()
+        floats = [k for k, v in current.items() if v.dtype.is_floating_point]
+        # w_ema += (1 - d) (w - w_ema) for all float tensors at once (one fused kernel per group)
+        torch._foreach_lerp_([self.shadow[k] for k in floats], [current[k] for k in floats], 1.0 - d)
+        for k, v in current.items():
+            if not v.dtype.is_floating_point:
                 self.shadow[k].copy_(v)
 
     def state_dict(self):
@@ -295,10 +297,11 @@ def linear_beta_schedule(timesteps):
     """DDPM Sec. 4: betas rise linearly from 1e-4 to 0.02 at T = 1000.
 
     For other T the end points are scaled by 1000 / T, so that the total noise added
-    (and alpha-bar at the end) stays about the same.
+    (and alpha-bar at the end) stays about the same; below T = 20 that would pass beta = 1,
+    so betas are clipped at 0.999 as in the cosine schedule.
     """
     scale = 1000.0 / timesteps
-    return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+    return np.clip(np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64), 0, 0.999)
 
 
 def cosine_alphas_cumprod(timesteps, s=0.008):
@@ -430,6 +433,7 @@ class GaussianDiffusion(nn.Module):
         """eps_theta(x_t, t), with classifier-free guidance when y is given and guidance != 1.
 
         Guided: eps = eps_uncond + w (eps_cond - eps_uncond), both halves in one network call.
+        This w is 1 + w of Ho & Salimans 2022, Eq. 6: w = 1 is the plain conditional model.
         """
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
         if y is None:
@@ -439,7 +443,7 @@ class GaussianDiffusion(nn.Module):
         eps_cond, eps_uncond = self.model(
             torch.cat([xt, xt]), torch.cat([tt, tt]),
             torch.cat([y, torch.full_like(y, NULL_CLASS)])).chunk(2)
-        return eps_uncond + guidance * (eps_cond - eps_uncond)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)  # classifier-free guidance
 
     def _x0_and_eps(self, xt, t, y, guidance, clip_x0):
         """Predicted x0 and eps at (x_t, t); clipping x0 to [-1, 1] re-derives eps from it."""

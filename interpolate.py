@@ -119,7 +119,7 @@ def noise_mode(args, diffusion, shape, device, out_dir, y, guidance):
             "midpoint_norm_lerp": float(norms["lerp"][mid])}
 
 
-def images_mode(args, diffusion, ckpt, shape, device, out_dir, y, guidance):
+def images_mode(args, diffusion, ckpt, device, out_dir):
     dataset = ckpt["args"].get("dataset", "mnist")
     cfg = ckpt["model_config"]
     split = "test" if dataset in ("mnist", "fashion-mnist", "cifar10") else "train"
@@ -147,7 +147,7 @@ def images_mode(args, diffusion, ckpt, shape, device, out_dir, y, guidance):
             "reconstruction_mae": float((recon.clamp(-1, 1) - x0).abs().mean() / 2)}
 
 
-def classes_mode(args, diffusion, ckpt, shape, device, out_dir, guidance):
+def classes_mode(args, diffusion, module, ckpt, shape, device, out_dir, guidance):
     cfg = ckpt["model_config"]
     num_classes = cfg.get("num_classes")
     if not num_classes:
@@ -169,12 +169,9 @@ def classes_mode(args, diffusion, ckpt, shape, device, out_dir, guidance):
 
     n = len(ws)
     xT = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device).repeat(n, 1, 1, 1)
-    diffusion.model = blended
-    try:
-        frame = torch.arange(n, device=device)
-        decoded = diffusion.ddim_sample(xT.shape, steps=args.steps, noise=xT, y=frame, guidance=guidance)
-    finally:
-        diffusion.model = model
+    blend = module.GaussianDiffusion(blended, diffusion.num_timesteps, diffusion.schedule).to(device)
+    frame = torch.arange(n, device=device)
+    decoded = blend.ddim_sample(xT.shape, steps=args.steps, noise=xT, y=frame, guidance=guidance)
     figure([decoded], [f"{c_a} -> {c_b}"], out_dir / "class_interpolation.png",
            f"Fixed noise, eps blended from class {c_a} to class {c_b} (guidance {guidance:g})")
     save_gif(decoded, out_dir / "class_interpolation.gif")
@@ -186,7 +183,7 @@ def main(args):
     if args.frames < 2:
         common.fail("--frames must be at least 2")
     ckpt = common.load_checkpoint(args.checkpoint)
-    model, diffusion, _ = common.model_from_checkpoint(ckpt, device)
+    model, diffusion, module = common.model_from_checkpoint(ckpt, device)
     if not 1 <= args.steps <= diffusion.num_timesteps:
         common.fail(f"--steps must be in [1, {diffusion.num_timesteps}]")
     cfg = ckpt["model_config"]
@@ -204,9 +201,9 @@ def main(args):
             if mode == "noise":
                 report["noise"] = noise_mode(args, diffusion, shape, device, out_dir, y, guidance)
             elif mode == "images":
-                report["images"] = images_mode(args, diffusion, ckpt, shape, device, out_dir, y, guidance)
+                report["images"] = images_mode(args, diffusion, ckpt, device, out_dir)
             else:
-                report["classes"] = classes_mode(args, diffusion, ckpt, shape, device, out_dir, guidance)
+                report["classes"] = classes_mode(args, diffusion, module, ckpt, shape, device, out_dir, guidance)
     for mode, r in report.items():
         print(f"{mode:<8} " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in r.items()))

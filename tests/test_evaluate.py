@@ -62,7 +62,7 @@ def trained(tmp_path_factory):
     write_mnist(root / "data", n_train=200, n_test=100)
     clf = root / "clf.pt"
     report = evaluate.main(evaluate.parse_args(["train-classifier", "--data-dir", str(root / "data"),
-                                                "--epochs", "3", "--out", str(clf), "--device", "cpu"]))
+                                                "--epochs", "50", "--out", str(clf), "--device", "cpu"]))
     train_diffusion.main(train_diffusion.parse_args(
         ["--hidden-dims", "8", "16", "16", "--time-dim", "16", "--batch-size", "32", "--val-size", "16",
          "--timesteps", "50", "--sample-steps", "5", "--device", "cpu", "--epochs", "1",

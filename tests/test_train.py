@@ -89,10 +89,11 @@ def test_budgets_stop_early_and_resume_mid_epoch(mnist_dir):
 
 
 def test_early_stopping_and_best_checkpoint(mnist_dir):
-    # a min-delta no improvement can reach: stops after --patience epochs without one
+    # a min-delta that only the first epoch (after an infinite best) can beat: it stops after
+    # --patience more epochs without an improvement, and best.pt stays the first epoch's
     state = run(mnist_dir, "--epochs", "10", "--patience", "2", "--min-delta", "100")
-    assert state["epoch"] == 2 and state["bad_epochs"] == 2
-    assert not (mnist_dir / "out" / "best.pt").exists()
+    assert state["epoch"] == 3 and state["bad_epochs"] == 2
+    assert torch.load(mnist_dir / "out" / "best.pt", weights_only=True)["state"]["step"] == 5
     state = run(mnist_dir, "--epochs", "2", "--min-delta", "0", out="b")
     best = torch.load(mnist_dir / "b" / "best.pt", weights_only=True)
     assert best["state"]["best_val"] == state["best_val"]
@@ -166,7 +167,7 @@ def test_missing_data_offline_gives_a_clear_message(tmp_path, monkeypatch):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
-    with pytest.raises(SystemExit, match=r"mnist \(train split\) is not in .*MNIST/raw"):
+    with pytest.raises(SystemExit, match=r"(?s)mnist \(train split\) is not in .*MNIST/raw"):
         run(tmp_path, "--epochs", "1")
 
 
@@ -195,11 +196,17 @@ def test_bad_checkpoints_are_refused(mnist_dir):
     (["--lr", "-1"], "--lr must be a positive"),
     (["--image-size", "30"], "must be divisible"),
     (["--dataset", "imagenet"], "neither a known data set"),
-    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--p-uncond", "1.5"], ""),
+    (["--p-uncond", "1.5"], "--p-uncond must be in"),
 ])
 def test_impossible_arguments(mnist_dir, extra, message):
     with pytest.raises(SystemExit, match=message):
         run(mnist_dir, *extra)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_missing_gpu_is_a_clear_error(mnist_dir):
+    with pytest.raises(SystemExit, match="no CUDA GPU is available"):
+        run(mnist_dir, "--device", "cuda")
 
 
 def test_corrupted_idx_file(tmp_path):
