@@ -68,7 +68,7 @@ def bench_training(name, module, config, schedule, batch, device, args):
     model = module.DiffusionModel(**config).to(device, memory_format=torch.channels_last)
     diff = module.GaussianDiffusion(model, 1000, schedule).to(device)
     ema = module.EMA(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")  # as common.train
     shape = (batch, config["channels"], config["image_size"], config["image_size"])
     x0 = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
     amp = args.amp == "bf16"
@@ -201,6 +201,7 @@ def parse_args(argv=None):
 
 def main(args):
     device = common.pick_device(args.device)
+    common.configure_backends(device)
     torch.manual_seed(args.seed)
     if args.quick:
         args.batch_sizes, args.repeats, args.train_steps, args.ddpm_probe = [64], 2, 2, 5

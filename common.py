@@ -51,6 +51,14 @@ def pick_device(name="auto"):
     return device
 
 
+def configure_backends(device):
+    """On CUDA: let cuDNN pick the fastest conv algorithms for our fixed shapes, and use
+    TF32 tensor cores for float32 matmuls."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
+
 def cpu_has_fast_bf16():
     """True where the CPU computes bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
     try:
@@ -375,6 +383,9 @@ def add_training_args(p):
     a("--lr", type=float, default=2e-4, help="peak learning rate")
     a("--weight-decay", type=float, default=0.0)
     a("--warmup", type=int, default=500, help="linear learning-rate warmup, in steps")
+    a("--lr-schedule", choices=["constant", "cosine"], default="constant",
+      help="after warmup: constant, or cosine decay to 0 over --epochs or --max-minutes, "
+           "whichever runs out first")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     a("--ema-decay", type=float, default=0.9999, help="EMA decay, reached after a warmup")
     a("--schedule", choices=["linear", "cosine"], default="linear")
@@ -453,6 +464,7 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
     and its EMA.
     """
     rank, world, device = setup_distributed(args.device)
+    configure_backends(device)
     main_proc = rank == 0
     out_dir = Path(args.out_dir)
     if main_proc:
@@ -464,7 +476,9 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
     ema = module.EMA(model, args.ema_decay)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     sampler_diffusion = module.GaussianDiffusion(ema_model, args.timesteps, args.schedule).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # the fused (single-kernel) AdamW on CUDA; the foreach one elsewhere
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
     n_params = sum(p.numel() for p in model.parameters())
 
     state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "loss_sum": 0.0, "loss_count": 0,
@@ -578,6 +592,21 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
             checkpoint(out_dir / "best.pt")
         return state["bad_epochs"] >= args.patience
 
+    total_steps = args.epochs * batches_per_epoch
+
+    def learning_rate(step, elapsed):
+        """Linear warmup, then constant or a cosine decay over the budget's progress in [0, 1].
+
+        The decay spans --epochs, or --max-minutes if that runs out first. --max-steps only
+        stops the run, so a run cut short by it and resumed follows the same schedule."""
+        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+        if args.lr_schedule == "cosine":
+            progress = step / total_steps
+            if args.max_minutes is not None:  # a wall-clock budget may run out first
+                progress = max(progress, elapsed / (60 * args.max_minutes))
+            lr *= 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return lr
+
     # Ctrl-C asks the loop to stop at the end of the current step, so last.pt is consistent
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) \
@@ -619,8 +648,8 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
                          f"{grad_norm.item()}); training stopped. The last good checkpoint in "
                          f"{out_dir} was kept. Try a lower --lr or a longer --warmup.")
 
-                # optimizer step with linear warmup, then EMA of the weights
-                lr = args.lr * min(1.0, (state["step"] + 1) / max(args.warmup, 1))
+                # optimizer step with the learning-rate schedule, then EMA of the weights
+                lr = learning_rate(state["step"], time.time() - start)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 opt.step()

@@ -78,6 +78,19 @@ class Classifier(nn.Module):
         return f, F.softmax(self.head(f), dim=1)
 
 
+def random_affine(x, degrees=12.0, scale=0.1, shift=2.0):
+    """Augmentation: a random rotation, scale and shift for each image (background stays -1),
+    so that the classifier judges shape, as a classifier trained on all of MNIST would."""
+    B, _, H, W = x.shape
+    angle = (torch.rand(B, device=x.device) * 2 - 1) * math.radians(degrees)
+    s = 1 + (torch.rand(B, device=x.device) * 2 - 1) * scale
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    t = (torch.rand(B, 2, device=x.device) * 2 - 1) * shift * 2 / H  # pixels -> [-1, 1] units
+    theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, x.shape, align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
+
+
 def default_classifier_path(dataset):
     return Path("runs") / "classifiers" / f"{dataset}.pt"
 
@@ -126,11 +139,8 @@ def train_classifier(args):
         perm = torch.randperm(len(x_all))
         for i in range(0, len(perm), 128):
             idx = perm[i:i + 128]
-            x = x_all[idx]
-            # augmentation: shifts of up to 2 pixels, so the classifier judges shape, not position
-            dx, dy = np.random.randint(-2, 3, size=2)
-            x = torch.roll(x, shifts=(int(dy), int(dx)), dims=(2, 3))
-            loss = F.cross_entropy(clf(x.to(device)), y_all[idx].to(device))
+            x = random_affine(x_all[idx].to(device))
+            loss = F.cross_entropy(clf(x), y_all[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -22,7 +22,7 @@ def parse_args(argv=None):
     common.add_training_args(p)
     # defaults chosen for "digits in 10 minutes on 2 CPU cores" that also suit long GPU runs
     p.set_defaults(batch_size=64, lr=2e-3, warmup=200, ema_decay=0.9995, schedule="cosine",
-                   epochs=50, patience=5)
+                   lr_schedule="cosine", epochs=50, patience=5)
     return p.parse_args(argv)
 
 

@@ -1,6 +1,7 @@
 """train_diffusion.py end to end on tiny data sets in the real formats, and its failures."""
 
 import csv
+import math
 import os
 import signal
 
@@ -58,7 +59,7 @@ def test_end_to_end_writes_every_output(mnist_dir):
 
 def test_resume_continues_exactly(mnist_dir):
     run(mnist_dir, "--epochs", "2", out="straight")
-    run(mnist_dir, "--epochs", "1", out="split")
+    run(mnist_dir, "--epochs", "2", "--max-steps", "5", out="split")  # stopped after one epoch
     split = mnist_dir / "split"
     args = train_diffusion.parse_args(["--resume", str(split / "last.pt"), "--epochs", "2",
                                        "--out-dir", str(split), "--device", "cpu",
@@ -218,3 +219,14 @@ def test_corrupted_idx_file(tmp_path):
     write_idx(raw / "train-images-idx3-ubyte.gz", torch.zeros(5, 28, 28, dtype=torch.uint8).numpy())
     with pytest.raises(SystemExit, match="inconsistent shapes"):
         run(tmp_path)
+
+
+def test_cosine_learning_rate_schedule(mnist_dir):
+    # warmup of 1 step, then lr * (1 + cos(pi * step / total)) / 2 over one epoch of 5 steps
+    run(mnist_dir, "--epochs", "1", "--warmup", "1", "--lr", "2e-3", "--lr-schedule", "cosine")
+    with open(mnist_dir / "out" / "metrics.csv") as f:
+        last_lr = float(list(csv.DictReader(f))[-1]["lr"])
+    assert last_lr == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
+    run(mnist_dir, "--epochs", "1", "--warmup", "1", "--lr", "2e-3", "--lr-schedule", "constant", out="c")
+    with open(mnist_dir / "c" / "metrics.csv") as f:
+        assert float(list(csv.DictReader(f))[-1]["lr"]) == pytest.approx(2e-3)
