@@ -1,16 +1,19 @@
 """Measure training and sampling speed. Example: python benchmark.py --quick
 
 Training: images/s of full optimizer steps (forward, backward, AdamW, EMA) and peak memory
-(process RSS on the CPU, max allocated on CUDA), for the MNIST model and each CIFAR preset.
+(process RSS while it runs on the CPU, max allocated on CUDA), for the MNIST model and each
+CIFAR preset.
 Sampling: images/s for DDPM (1000 steps) and DDIM (10 and 50 steps) at several batch sizes.
 Each figure is the median of --repeats timed runs after a warm-up run.
 """
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +21,16 @@ import torch
 
 import common
 import diffusion
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def sync(device):
@@ -39,15 +52,36 @@ def median_time(fn, device, repeats):
     return statistics.median(times)
 
 
-def reset_peak(device):
+def rss_mb():
+    """This process's resident memory now, from /proc (Linux), else its peak so far."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def with_peak_memory(fn, device):
+    """(fn(), peak memory in MiB while it ran): max allocated on CUDA; on the CPU, the highest
+    resident set size seen by a thread that polls every 5 ms."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        return result, torch.cuda.max_memory_allocated(device) / 2 ** 20
+    peak, done = [rss_mb()], threading.Event()
 
+    def poll():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], rss_mb())
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    return result, max(peak[0], rss_mb())
 
 
 def models(args):
@@ -85,11 +119,10 @@ def bench_training(name, module, config, schedule, batch, device, args):
             opt.step()
             ema.update(model)
 
-    reset_peak(device)
-    seconds = median_time(steps, device, args.repeats)
+    seconds, peak = with_peak_memory(lambda: median_time(steps, device, args.repeats), device)
     return {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "task": "train", "batch": batch, "images_per_s": batch * args.train_steps / seconds,
-            "peak_mem_mb": peak_memory_mb(device)}
+            "peak_mem_mb": peak}
 
 
 def bench_sampling(name, module, config, schedule, sampler, steps, batch, device, args):
@@ -108,11 +141,11 @@ def bench_sampling(name, module, config, schedule, sampler, steps, batch, device
             else:
                 diff.ddim_sample(shape, steps=steps)
 
-    reset_peak(device)
-    seconds = median_time(run, device, args.repeats) * steps / measured
+    seconds, peak = with_peak_memory(lambda: median_time(run, device, args.repeats), device)
+    seconds *= steps / measured
     label = f"{sampler}-{steps}" + ("" if measured == steps else f" (timed {measured} steps)")
     return {"model": name, "task": label, "batch": batch, "images_per_s": batch / seconds,
-            "seconds_per_batch": seconds, "peak_mem_mb": peak_memory_mb(device)}
+            "seconds_per_batch": seconds, "peak_mem_mb": peak}
 
 
 def bench_diffusers_baseline(batch, device, args):
@@ -209,7 +242,7 @@ def main(args):
     if min(args.batch_sizes + [args.train_batch, args.train_steps, args.repeats, args.ddpm_probe]) < 1:
         common.fail("batch sizes, --train-steps, --repeats and --ddpm-probe must be at least 1")
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
            "amp": args.amp, "compile": args.compile}
     header = ", ".join(f"{k} {v}" for k, v in env.items())
     print(header)

@@ -396,7 +396,6 @@ def add_training_args(p):
     a("--patience", type=int, default=5, help="epochs without improvement before stopping")
     a("--min-delta", type=float, default=1e-4, help="smallest validation-loss drop that counts")
     a("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids")
-    a("--num-workers", type=int, default=0, help="unused: data sits in memory")
     a("--compile", action="store_true", help="torch.compile the network (slow start, faster steps)")
     a("--amp", choices=["auto", "none", "bf16"], default="auto",
       help="bfloat16 autocast for training steps; auto: on where the hardware has fast bf16")
@@ -446,13 +445,17 @@ def plain(args):
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
-def resume_args(args, kind):
-    """For --resume: (the checkpoint's training arguments with budgets and placement from the
-    command line, the checkpoint)."""
-    ckpt = load_checkpoint(args.resume, kind)
-    merged = dict(ckpt["args"])
-    merged.update({k: v for k, v in vars(args).items() if k in RESUME_OVERRIDES})
-    return type(args)(**merged), ckpt
+def prepare_args(args, kind):
+    """Check the arguments; with --resume, take the checkpoint's training arguments, keeping
+    budgets and placement from the command line. Returns (args, checkpoint or None)."""
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, kind)
+        merged = dict(ckpt["args"])
+        merged.update({k: v for k, v in vars(args).items() if k in RESUME_OVERRIDES})
+        args = type(args)(**merged)
+    check_training_args(args)
+    return args, ckpt
 
 
 def train(args, kind, module, model_config, data, augment=None, ckpt=None):
@@ -460,7 +463,7 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
 
     kind: 'mnist' or 'cifar', stored in the checkpoint. augment: optional function applied to
     each float batch x -> x, such as random flips. ckpt: a checkpoint to resume from (see
-    resume_args). Returns TrainResult(state, model, ema): the counters, the trained network
+    prepare_args). Returns TrainResult(state, model, ema): the counters, the trained network
     and its EMA.
     """
     rank, world, device = setup_distributed(args.device)

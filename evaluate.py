@@ -374,7 +374,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write the report here as JSON")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="unused; reports go to --json")
+    p.add_argument("--out-dir", default=None, help="also write report.json into this folder")
     args = p.parse_args(argv)
     args.command = "evaluate"
     return args
@@ -415,8 +415,10 @@ def main(args):
     report = evaluate_images(images, dataset, args, device, requested)
     report["source"] = str(source)
     print_report(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    for path in ([args.json] if args.json else []) + \
+            ([Path(args.out_dir) / "report.json"] if args.out_dir else []):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2))
     return report
 
 

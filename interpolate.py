@@ -15,7 +15,6 @@ import argparse
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import common
@@ -63,7 +62,8 @@ def save_gif(frames, path, scale=4, ms=120):
 
 
 def figure(rows, labels, path, title, extra=None):
-    """Rows of images (each (N, C, H, W) in [-1, 1]) with labels; extra(ax) draws a side plot."""
+    """Rows of images (each a sequence of (C, H, W) in [-1, 1], or None for an empty cell) with
+    labels; extra(ax) draws a side plot below them."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -73,6 +73,9 @@ def figure(rows, labels, path, title, extra=None):
     for r, (imgs, label) in enumerate(zip(rows, labels)):
         for c in range(n_cols):
             ax = fig.add_subplot(gs[r, c])
+            if imgs[c] is None:  # nothing to show in this cell
+                ax.axis("off")
+                continue
             im = (imgs[c].permute(1, 2, 0).cpu().numpy() + 1) / 2
             ax.imshow(im.squeeze(-1) if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
@@ -139,7 +142,7 @@ def images_mode(args, diffusion, ckpt, device, out_dir):
     if yy is not None:  # the label switches half-way
         y_path = torch.tensor([int(yy[0]) if w < 0.5 else int(yy[1]) for w in ws], device=device)
     decoded = diffusion.ddim_sample(path.shape, steps=args.steps, noise=path, y=y_path, guidance=1.0)
-    ends = torch.cat([x0[:1], *[torch.zeros_like(x0[:1])] * (len(ws) - 2), x0[1:]])
+    ends = [x0[0]] + [None] * (len(ws) - 2) + [x0[1]]  # the real images above the path's ends
     figure([ends, decoded], ["real", "slerp"], out_dir / "image_interpolation.png",
            f"Between test images {args.indices[0]} and {args.indices[1]} through DDIM inversion")
     save_gif(decoded, out_dir / "image_interpolation.gif")

@@ -27,10 +27,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    ckpt = None
-    if args.resume:
-        args, ckpt = common.resume_args(args, "mnist")
-    common.check_training_args(args)
+    args, ckpt = common.prepare_args(args, "mnist")
     if ckpt is not None:
         model_config = ckpt["model_config"]
     else:

@@ -36,10 +36,7 @@ def random_hflip(x):
 
 
 def main(args):
-    ckpt = None
-    if args.resume:
-        args, ckpt = common.resume_args(args, "cifar")
-    common.check_training_args(args)
+    args, ckpt = common.prepare_args(args, "cifar")
     if ckpt is not None:
         model_config = ckpt["model_config"]
     else:

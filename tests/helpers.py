@@ -6,7 +6,6 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def write_idx(path, array, compress=True):
