@@ -159,6 +159,9 @@ def train_classifier(args):
                             "ref_mu": torch.from_numpy(mu), "ref_sigma": torch.from_numpy(sigma)}, out)
     print(f"classifier test accuracy {accuracy:.4f} on {len(test_y)} {args.dataset} test images; "
           f"saved {out}")
+    if accuracy < 0.95:
+        print(f"warning: a weak classifier makes FID and confidence figures unreliable; "
+              f"train longer (--epochs {2 * args.epochs} or more)", file=sys.stderr)
     return {"test_accuracy": accuracy, "path": str(out)}
 
 
