@@ -301,7 +301,7 @@ def model_from_checkpoint(ckpt, device, use_ema=True):
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy_seed": int(np.random.get_state()[1][0])}
+    state = {"torch": torch.get_rng_state()}  # training draws all its randomness from torch
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -324,11 +324,50 @@ def save_grid(images, path, nrow=8):
                padding=2, pad_value=1.0)
 
 
-def plot_loss_curve(rows, path):
-    """Train and validation loss per epoch, from the metrics.csv rows."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, so no display is needed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def show_image(ax, img):
+    """Draw one (C, H, W) image in [-1, 1] on a matplotlib axis, without ticks."""
+    im = ((img.detach().float().cpu().permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
+    ax.imshow(im.squeeze(-1) if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def image_rows_figure(rows, labels, path, title=None, extra=None):
+    """Rows of (C, H, W) images in [-1, 1], each row labelled on the left. A None entry, or a
+    row shorter than the longest, leaves the cell empty; extra(ax) draws a plot below."""
+    plt = pyplot()
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig = plt.figure(figsize=(n_cols * 0.95 + 1.5, n_rows * 1.0 + (2.6 if extra else 0.6)))
+    gs = fig.add_gridspec(n_rows + (2 if extra else 0), n_cols)
+    for r, (imgs, label) in enumerate(zip(rows, labels)):
+        for c in range(n_cols):
+            ax = fig.add_subplot(gs[r, c])
+            if c >= len(imgs) or imgs[c] is None:  # nothing to show in this cell
+                ax.axis("off")
+                continue
+            show_image(ax, imgs[c])
+            if c == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    if extra:
+        extra(fig.add_subplot(gs[n_rows:, :]))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_loss_curve(rows, path):
+    """Train and validation loss per epoch, from the metrics.csv rows."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [r["step"] for r in rows]
     ax.plot(steps, [r["train_loss"] for r in rows], "o-", label="train")

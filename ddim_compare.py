@@ -72,31 +72,8 @@ def draw(diffusion, sampler, steps, eta, noise, y, guidance, batch_size, seed):
     return torch.cat(out)
 
 
-def plot_rows(images_by_row, labels, path, columns=8):
-    """One row of images per setting, labelled on the left."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = len(images_by_row)
-    fig, axes = plt.subplots(n, columns, figsize=(columns * 0.9 + 1.6, n * 0.9 + 0.3), squeeze=False)
-    for r, (imgs, label) in enumerate(zip(images_by_row, labels)):
-        for c in range(columns):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(imgs):
-                im = (imgs[c].permute(1, 2, 0).numpy() + 1) / 2
-                ax.imshow(im.squeeze(-1) if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=1)
-        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def plot_vs_steps(results, key, ylabel, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for eta in sorted({r["eta"] for r in results if r["sampler"] == "ddim"}):
         pts = [(r["steps"], r[key]) for r in results if r["sampler"] == "ddim" and r["eta"] == eta
@@ -139,11 +116,9 @@ def main(args):
         common.fail(f"FID needs a reference data set; this checkpoint was trained on {dataset!r}. "
                     f"Use --no-fid.")
     if not args.no_fid and dataset != "cifar10":
-        clf_path = Path(args.classifier or evaluate.default_classifier_path(dataset))
-        if not clf_path.is_file():
-            common.fail(f"no classifier at {clf_path} for FID; run python evaluate.py "
-                        f"train-classifier --dataset {dataset}, or pass --no-fid")
-        args.classifier = str(clf_path)
+        # check the feature network before minutes of sampling, with evaluate.py's own checks
+        args.classifier = str(args.classifier or evaluate.default_classifier_path(dataset))
+        evaluate.load_classifier(args.classifier, dataset, device)
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +166,7 @@ def main(args):
         # mean absolute pixel difference, in units of the [0, 1] pixel range
         r["distance_to_ddim_T"] = float((samples[r["setting"]] - reference).abs().mean() / 2)
 
-    plot_rows(grid_rows, grid_labels, out_dir / "comparison_grid.png")
+    common.image_rows_figure(grid_rows, grid_labels, out_dir / "comparison_grid.png")
     plot_vs_steps(results, "fid", "FID (lower is better)", out_dir / "quality_vs_steps.png",
                   "Sample quality against sampling steps")
     plot_vs_steps(results, "seconds", f"seconds for {args.num_samples} images",

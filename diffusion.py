@@ -410,17 +410,16 @@ class GaussianDiffusion(nn.Module):
             eps = self.predict_eps_from_x0(xt, tt, x0_pred)
         return x0_pred, eps
 
-    def _initial_noise(self, shape, generator, noise):
-        device = self.betas.device
-        if noise is not None:
-            return noise.to(device)
+    @staticmethod
+    def _randn(shape, generator, device):
+        """N(0, I) noise drawn on the generator's own device, so a seed means the same noise
+        whatever device samples."""
         gen_device = generator.device if generator is not None else device
         return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
-    @staticmethod
-    def _randn_like(x, generator):
-        gen_device = generator.device if generator is not None else x.device
-        return torch.randn(x.shape, generator=generator, device=gen_device).to(x.device)
+    def _initial_noise(self, shape, generator, noise):
+        device = self.betas.device
+        return noise.to(device) if noise is not None else self._randn(shape, generator, device)
 
     @staticmethod
     def _progress(iterable, progress, desc):
@@ -456,7 +455,7 @@ class GaussianDiffusion(nn.Module):
                 traj["xt"].append(x.cpu())
                 traj["x0_pred"].append(x0_pred.cpu())
             if t > 0:
-                x = mean + var.sqrt() * self._randn_like(x, generator)  # DDPM Alg. 2, line 4
+                x = mean + var.sqrt() * self._randn(x.shape, generator, x.device)  # DDPM Alg. 2, line 4
             else:
                 x = mean  # DDPM Alg. 2: no noise at the last step
         return self._finish(x, traj, return_trajectory)
@@ -494,7 +493,7 @@ class GaussianDiffusion(nn.Module):
             dir_xt = math.sqrt(max(1 - alpha_bar_prev - sigma_t ** 2, 0.0)) * eps
             x = math.sqrt(alpha_bar_prev) * x0_pred + dir_xt  # DDIM Eq. 12
             if sigma_t > 0:
-                x = x + sigma_t * self._randn_like(x, generator)  # DDIM Eq. 12, random noise
+                x = x + sigma_t * self._randn(x.shape, generator, x.device)  # DDIM Eq. 12, random noise
         return self._finish(x, traj, return_trajectory)
 
     @torch.no_grad()

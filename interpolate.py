@@ -61,35 +61,6 @@ def save_gif(frames, path, scale=4, ms=120):
     seq[0].save(path, save_all=True, append_images=seq[1:], duration=ms, loop=0)
 
 
-def figure(rows, labels, path, title, extra=None):
-    """Rows of images (each a sequence of (C, H, W) in [-1, 1], or None for an empty cell) with
-    labels; extra(ax) draws a side plot below them."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n_rows, n_cols = len(rows), len(rows[0])
-    fig = plt.figure(figsize=(n_cols * 0.95 + 1.5, n_rows * 1.0 + (2.6 if extra else 0.6)))
-    gs = fig.add_gridspec(n_rows + (2 if extra else 0), n_cols)
-    for r, (imgs, label) in enumerate(zip(rows, labels)):
-        for c in range(n_cols):
-            ax = fig.add_subplot(gs[r, c])
-            if imgs[c] is None:  # nothing to show in this cell
-                ax.axis("off")
-                continue
-            im = (imgs[c].permute(1, 2, 0).cpu().numpy() + 1) / 2
-            ax.imshow(im.squeeze(-1) if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-    if extra:
-        extra(fig.add_subplot(gs[n_rows:, :]))
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def decode(diffusion, xT, steps, y=None, guidance=1.0):
     return diffusion.ddim_sample(xT.shape, steps=steps, eta=0.0, noise=xT, y=y, guidance=guidance)
 
@@ -114,7 +85,8 @@ def noise_mode(args, diffusion, shape, device, out_dir, y, guidance):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
 
-    figure([decoded["slerp"], decoded["lerp"]], ["slerp", "linear"], out_dir / "noise_interpolation.png",
+    common.image_rows_figure([decoded["slerp"], decoded["lerp"]], ["slerp", "linear"],
+                             out_dir / "noise_interpolation.png",
            f"Between noise seeds {seeds[0]} and {seeds[1]}, decoded with DDIM-{args.steps}", norm_plot)
     save_gif(decoded["slerp"], out_dir / "noise_interpolation.gif")
     mid = len(ws) // 2
@@ -143,7 +115,7 @@ def images_mode(args, diffusion, ckpt, device, out_dir):
         y_path = torch.tensor([int(yy[0]) if w < 0.5 else int(yy[1]) for w in ws], device=device)
     decoded = diffusion.ddim_sample(path.shape, steps=args.steps, noise=path, y=y_path, guidance=1.0)
     ends = [x0[0]] + [None] * (len(ws) - 2) + [x0[1]]  # the real images above the path's ends
-    figure([ends, decoded], ["real", "slerp"], out_dir / "image_interpolation.png",
+    common.image_rows_figure([ends, decoded], ["real", "slerp"], out_dir / "image_interpolation.png",
            f"Between test images {args.indices[0]} and {args.indices[1]} through DDIM inversion")
     save_gif(decoded, out_dir / "image_interpolation.gif")
     return {"indices": list(args.indices),
@@ -175,7 +147,7 @@ def classes_mode(args, diffusion, module, ckpt, shape, device, out_dir, guidance
     blend = module.GaussianDiffusion(blended, diffusion.num_timesteps, diffusion.schedule).to(device)
     frame = torch.arange(n, device=device)
     decoded = blend.ddim_sample(xT.shape, steps=args.steps, noise=xT, y=frame, guidance=guidance)
-    figure([decoded], [f"{c_a} -> {c_b}"], out_dir / "class_interpolation.png",
+    common.image_rows_figure([decoded], [f"{c_a} -> {c_b}"], out_dir / "class_interpolation.png",
            f"Fixed noise, eps blended from class {c_a} to class {c_b} (guidance {guidance:g})")
     save_gif(decoded, out_dir / "class_interpolation.gif")
     return {"classes": [c_a, c_b]}

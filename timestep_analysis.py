@@ -128,22 +128,8 @@ def variational_bound(diffusion, x0, variance="posterior", stride=1, clip_x0=Tru
 # Figures
 
 
-def plt_module():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def show(ax, img):
-    im = (img.permute(1, 2, 0).cpu().numpy() + 1) / 2
-    ax.imshow(im.squeeze(-1) if im.shape[-1] == 1 else im.clip(0, 1), cmap="gray", vmin=0, vmax=1)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def forward_process_figure(x0, T, path, seed):
-    plt = plt_module()
+    plt = common.pyplot()
     times = [t for t in FORWARD_TIMES if t < T] if T >= 1000 else \
         sorted({round(f * (T - 1)) for f in (0, .05, .1, .25, .5, .75, 1)})
     fig, axes = plt.subplots(2, len(times), figsize=(1.3 * len(times) + 1, 3.2), squeeze=False)
@@ -152,7 +138,7 @@ def forward_process_figure(x0, T, path, seed):
         d = mnist_module.GaussianDiffusion(lambda x, t: x, T, schedule)
         for c, t in enumerate(times):
             xt = d.q_sample(x0, torch.tensor([t]), noise)  # DDPM Eq. 4, the same noise for all t
-            show(axes[r][c], xt[0].clamp(-1, 1))
+            common.show_image(axes[r][c], xt[0].clamp(-1, 1))
             axes[0][c].set_title(f"t={t}", fontsize=9)
         axes[r][0].set_ylabel(schedule, rotation=0, ha="right", va="center")
     fig.suptitle("Forward process q(x_t | x_0): the cosine schedule destroys information more slowly")
@@ -162,7 +148,7 @@ def forward_process_figure(x0, T, path, seed):
 
 
 def schedules_figure(T, path):
-    plt = plt_module()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     t = np.arange(T)
     for schedule in ("linear", "cosine"):
@@ -196,7 +182,7 @@ def loss_per_timestep(diffusion, x0, points, seed):
 
 
 def line_figure(x, ys, labels, path, xlabel, ylabel, title, logy=True):
-    plt = plt_module()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for y, label in zip(ys, labels):
         ax.plot(x, y, label=label)
@@ -215,15 +201,15 @@ def line_figure(x, ys, labels, path, xlabel, ylabel, title, logy=True):
 
 def trajectory_figures(traj, snapshots, out_dir):
     """Rows: x_t and predicted x0 for each sample; columns: every few steps, ending at t=0."""
-    plt = plt_module()
+    plt = common.pyplot()
     n_steps = len(traj["t"])
     cols = sorted({round(v) for v in np.linspace(0, n_steps - 1, snapshots)})
     n = traj["xt"].shape[1]
     fig, axes = plt.subplots(2 * n, len(cols), figsize=(1.1 * len(cols) + 1.2, 2.2 * n), squeeze=False)
     for i in range(n):
         for c, k in enumerate(cols):
-            show(axes[2 * i][c], traj["xt"][k, i].clamp(-1, 1))
-            show(axes[2 * i + 1][c], traj["x0_pred"][k, i])
+            common.show_image(axes[2 * i][c], traj["xt"][k, i].clamp(-1, 1))
+            common.show_image(axes[2 * i + 1][c], traj["x0_pred"][k, i])
             if i == 0:
                 axes[0][c].set_title(f"t={traj['t'][k]}", fontsize=8)
         axes[2 * i][0].set_ylabel("x_t", rotation=0, ha="right", va="center")
