@@ -275,7 +275,8 @@ def load_checkpoint(path, kind=None):
         fail(f"could not read checkpoint {path}: it is corrupted or not a checkpoint "
              f"of this project ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     needed = {"kind", "model_config", "diffusion", "model", "ema"}
-    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
+    if not isinstance(ckpt, dict) or not needed <= ckpt.keys() or \
+            not all(isinstance(ckpt[k], dict) for k in ("model_config", "diffusion")):
         fail(f"{path} is not a checkpoint of this project (it lacks {sorted(needed)})")
     if ckpt["kind"] not in MODEL_MODULES:
         fail(f"{path} holds an unknown model kind {ckpt['kind']!r}")
@@ -283,6 +284,11 @@ def load_checkpoint(path, kind=None):
         fail(f"{path} is a checkpoint of the {ckpt['kind']} model "
              f"({MODEL_MODULES[ckpt['kind']]}.py); use {TRAIN_SCRIPTS[ckpt['kind']]} with it, "
              f"not this script, which trains the {kind} model")
+    # checkpoints saved before these options existed hold an eps model, and for MNIST a
+    # network whose time embedding is added rather than scaling the norm
+    ckpt["diffusion"].setdefault("prediction", "eps")
+    if ckpt["kind"] == "mnist":
+        ckpt["model_config"].setdefault("adaptive_norm", False)
     return ckpt
 
 
@@ -428,6 +434,8 @@ def add_training_args(p):
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     a("--ema-decay", type=float, default=0.9999, help="EMA decay, reached after a warmup")
     a("--schedule", choices=["linear", "cosine"], default="linear")
+    a("--prediction", choices=["eps", "v"], default="eps",
+      help="what the network outputs: the noise eps (DDPM) or the velocity v (Salimans & Ho)")
     a("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
     a("--class-cond", action="store_true", help="train a class-conditional model")
     a("--p-uncond", type=float, default=0.1, help="label dropout for classifier-free guidance")
@@ -490,7 +498,8 @@ def prepare_args(args, kind):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, kind)
-        merged = dict(ckpt["args"])
+        merged = {**vars(args), **ckpt["args"]}  # options newer than the checkpoint: defaults
+        merged["prediction"] = ckpt["diffusion"]["prediction"]
         merged.update({k: v for k, v in vars(args).items() if k in RESUME_OVERRIDES})
         args = type(args)(**merged)
     check_training_args(args)
@@ -517,7 +526,8 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
     model = module.DiffusionModel(**model_config).to(device, memory_format=torch.channels_last)
     ema = module.EMA(model, args.ema_decay)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-    sampler_diffusion = module.GaussianDiffusion(ema_model, args.timesteps, args.schedule).to(device)
+    sampler_diffusion = module.GaussianDiffusion(ema_model, args.timesteps, args.schedule,
+                                                 args.prediction).to(device)
     # the fused (single-kernel) AdamW on CUDA; the foreach one elsewhere
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
@@ -548,7 +558,7 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if args.compile:
         train_model = torch.compile(train_model)
-    diffusion = module.GaussianDiffusion(train_model, args.timesteps, args.schedule).to(device)
+    diffusion = module.GaussianDiffusion(train_model, args.timesteps, args.schedule, args.prediction).to(device)
 
     # -- data: in memory; a DistributedSampler deals each epoch's shuffled indices to the ranks
     train_idx, val_idx = split_train_val(len(data.images), args.val_size)
@@ -605,7 +615,8 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
             dist.all_gather_object(rngs, rng_state())
         if main_proc:
             save_checkpoint({"kind": kind, "model_config": model_config,
-                             "diffusion": {"timesteps": args.timesteps, "schedule": args.schedule},
+                             "diffusion": {"timesteps": args.timesteps, "schedule": args.schedule,
+                                           "prediction": args.prediction},
                              "model": model.state_dict(), "ema": ema.state_dict(),
                              "optimizer": opt.state_dict(), "state": dict(state), "rng": rngs,
                              "args": plain(args), "num_classes": data.num_classes}, path)

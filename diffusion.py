@@ -60,22 +60,33 @@ def group_norm(channels):
 
 
 class ResidualBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, twice, with the time embedding added in between."""
+    """GroupNorm -> SiLU -> conv, twice; the time embedding scales and shifts the second norm.
 
-    def __init__(self, in_ch, out_ch, time_dim, dropout=0.0):
+    h = GroupNorm(h) * (1 + scale(emb)) + shift(emb), the adaptive group norm of Dhariwal &
+    Nichol 2021 (Sec. 3), lets every timestep rescale the features, not only offset them.
+    With adaptive_norm=False the embedding is only added before the norm, as in DDPM (and in
+    checkpoints saved before adaptive_norm existed).
+    """
+
+    def __init__(self, in_ch, out_ch, time_dim, adaptive_norm=True):
         super().__init__()
+        self.adaptive_norm = adaptive_norm
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, out_ch))
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, (1 + adaptive_norm) * out_ch))
         self.norm2 = group_norm(out_ch)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(emb)[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        t = self.time_proj(emb)[:, :, None, None]  # (B, C or 2C, 1, 1) broadcast over H, W
+        if self.adaptive_norm:
+            scale, shift = t.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + t)
+        h = self.conv2(F.silu(h))
         return h + self.skip(x)
 
 
@@ -101,9 +112,9 @@ class SelfAttention(nn.Module):
 class DownBlock(nn.Module):
     """A residual block, then (unless last) a stride-2 conv that halves H and W."""
 
-    def __init__(self, in_ch, out_ch, time_dim, downsample, dropout=0.0):
+    def __init__(self, in_ch, out_ch, time_dim, downsample, adaptive_norm=True):
         super().__init__()
-        self.res = ResidualBlock(in_ch, out_ch, time_dim, dropout)
+        self.res = ResidualBlock(in_ch, out_ch, time_dim, adaptive_norm=adaptive_norm)
         self.down = nn.Conv2d(out_ch, out_ch, 3, stride=2, padding=1) if downsample else None
 
     def forward(self, x, emb):
@@ -118,9 +129,9 @@ class UpBlock(nn.Module):
     full-resolution convs cheap.
     """
 
-    def __init__(self, in_ch, skip_ch, out_ch, time_dim, up_ch=None, dropout=0.0):
+    def __init__(self, in_ch, skip_ch, out_ch, time_dim, up_ch=None, adaptive_norm=True):
         super().__init__()
-        self.res = ResidualBlock(in_ch + skip_ch, out_ch, time_dim, dropout)
+        self.res = ResidualBlock(in_ch + skip_ch, out_ch, time_dim, adaptive_norm=adaptive_norm)
         self.up = nn.Conv2d(out_ch, up_ch, 3, padding=1) if up_ch else None
 
     def forward(self, x, skip, emb):
@@ -133,11 +144,11 @@ class UpBlock(nn.Module):
 class BottleneckBlock(nn.Module):
     """Residual block, self-attention, residual block, at the lowest resolution."""
 
-    def __init__(self, channels, time_dim, dropout=0.0):
+    def __init__(self, channels, time_dim, adaptive_norm=True):
         super().__init__()
-        self.res1 = ResidualBlock(channels, channels, time_dim, dropout)
+        self.res1 = ResidualBlock(channels, channels, time_dim, adaptive_norm)
         self.attn = SelfAttention(channels)
-        self.res2 = ResidualBlock(channels, channels, time_dim, dropout)
+        self.res2 = ResidualBlock(channels, channels, time_dim, adaptive_norm)
 
     def forward(self, x, emb):
         return self.res2(self.attn(self.res1(x, emb)), emb)
@@ -153,10 +164,11 @@ class DiffusionModel(nn.Module):
     hidden_dims gives the width at each resolution; there are len(hidden_dims) levels.
     With num_classes set, a learned class embedding (plus one null class) is added to the
     time embedding, which makes the model usable for classifier-free guidance.
+    adaptive_norm: the time embedding scales and shifts the features (see ResidualBlock).
     """
 
     def __init__(self, image_size=28, channels=1, hidden_dims=(32, 64, 128), time_dim=128,
-                 num_classes=None):
+                 num_classes=None, adaptive_norm=True):
         super().__init__()
         hidden_dims = tuple(hidden_dims)
         levels = len(hidden_dims)
@@ -164,7 +176,7 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"image_size {image_size} must be divisible by {2 ** (levels - 1)} "
                              f"for {levels} U-Net levels")
         self.config = dict(image_size=image_size, channels=channels, hidden_dims=list(hidden_dims),
-                           time_dim=time_dim, num_classes=num_classes)
+                           time_dim=time_dim, num_classes=num_classes, adaptive_norm=adaptive_norm)
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
 
         self.time_embed = TimeEmbedding(time_dim)
@@ -174,14 +186,14 @@ class DiffusionModel(nn.Module):
         self.init_conv = nn.Conv2d(channels, hidden_dims[0], 3, padding=1)
         ins = (hidden_dims[0],) + hidden_dims[:-1]
         self.downs = nn.ModuleList(
-            DownBlock(i, o, time_dim, downsample=(k < levels - 1))
+            DownBlock(i, o, time_dim, downsample=(k < levels - 1), adaptive_norm=adaptive_norm)
             for k, (i, o) in enumerate(zip(ins, hidden_dims)))
-        self.bottleneck = BottleneckBlock(hidden_dims[-1], time_dim)
+        self.bottleneck = BottleneckBlock(hidden_dims[-1], time_dim, adaptive_norm)
         # up path mirrors the down path; level k receives the skip of down level k and
         # hands hidden_dims[k - 1] channels up to level k - 1
         self.ups = nn.ModuleList(
             UpBlock(hidden_dims[k], hidden_dims[k], hidden_dims[k], time_dim,
-                    up_ch=hidden_dims[k - 1] if k > 0 else None)
+                    up_ch=hidden_dims[k - 1] if k > 0 else None, adaptive_norm=adaptive_norm)
             for k in reversed(range(levels)))
         self.out = nn.Sequential(group_norm(hidden_dims[0]), nn.SiLU(),
                                  nn.Conv2d(hidden_dims[0], channels, 3, padding=1))
@@ -275,6 +287,7 @@ def cosine_beta_schedule(timesteps, s=0.008):
     return np.clip(1 - abar[1:] / abar[:-1], 0, 0.999)
 
 
+PREDICTIONS = ("eps", "v")  # what the network is trained to output
 SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
 
 
@@ -301,16 +314,21 @@ def ddim_timesteps(num_timesteps, steps):
 class GaussianDiffusion(nn.Module):
     """DDPM forward process q, its posterior, the training loss, and two samplers.
 
-    `model` is any callable model(x, t) (or model(x, t, y)) that returns eps_pred shaped like x.
+    `model` is any callable model(x, t) (or model(x, t, y)) that returns a tensor shaped like x:
+    the noise eps (prediction="eps", DDPM) or the velocity v = sqrt(abar) eps - sqrt(1 - abar) x0
+    (prediction="v", Salimans & Ho 2022, Sec. 4). Every sampler works with either.
     """
 
-    def __init__(self, model, timesteps=1000, schedule="cosine"):
+    def __init__(self, model, timesteps=1000, schedule="cosine", prediction="eps"):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose from {sorted(SCHEDULES)}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose from {list(PREDICTIONS)}")
         self.model = model
         self.num_timesteps = int(timesteps)
         self.schedule = schedule
+        self.prediction = prediction
 
         betas = SCHEDULES[schedule](self.num_timesteps)  # float64
         alphas = 1.0 - betas
@@ -361,11 +379,28 @@ class GaussianDiffusion(nn.Module):
         return (_extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / \
             _extract(self.sqrt_recipm1_alphas_cumprod, t, xt)
 
+    def velocity(self, x0, t, noise):
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0.  Salimans & Ho 2022, Sec. 4."""
+        return _extract(self.sqrt_alphas_cumprod, t, x0) * noise - \
+            _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+    def x0_and_eps_from_v(self, xt, t, v):
+        """x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v and eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v.
+
+        Unlike x0 from eps (Eq. 15), nothing is divided by sqrt(abar_t), which is about 5e-5 at
+        the last step of the cosine schedule: x0 stays well-defined in pure noise."""
+        a = _extract(self.sqrt_alphas_cumprod, t, xt)  # sqrt(abar_t)
+        s = _extract(self.sqrt_one_minus_alphas_cumprod, t, xt)  # sqrt(1 - abar_t)
+        return a * xt - s * v, s * xt + a * v
+
     # -- training ------------------------------------------------------------------------
 
     def loss(self, x0, y=None, p_uncond=0.1, t=None, noise=None):
         """L_simple = E_{t, x0, eps} ||eps - eps_theta(x_t, t)||^2.  DDPM Alg. 1, Eq. 14.
 
+        With prediction="v" the target is v instead of eps: in terms of x0 the loss weight is
+        then SNR + 1 rather than SNR (Salimans & Ho 2022, Sec. 4), so the almost pure-noise
+        steps, where the rough shape of the image is decided, are no longer weighted by nearly zero.
         t is uniform over all T steps. For a conditional model, labels are replaced by the
         null class with probability p_uncond (classifier-free guidance training). t and noise
         may be fixed by the caller, as the validation loss does.
@@ -379,16 +414,19 @@ class GaussianDiffusion(nn.Module):
         if y is not None and p_uncond > 0:
             drop = torch.rand(B, device=x0.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
-        eps_pred = self.model(xt, t) if y is None else self.model(xt, t, y)
-        return F.mse_loss(eps_pred, noise)
+        target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
+        pred = self.model(xt, t) if y is None else self.model(xt, t, y)
+        return F.mse_loss(pred, target)
 
     # -- sampling helpers --------------------------------------------------------------------
 
-    def _eps(self, xt, t, y, guidance):
-        """eps_theta(x_t, t), with classifier-free guidance when y is given and guidance != 1.
+    def _guided_output(self, xt, t, y, guidance):
+        """The network output at (x_t, t), with classifier-free guidance when y is given and
+        guidance != 1.
 
-        Guided: eps = eps_uncond + w (eps_cond - eps_uncond), both halves in one network call.
-        This w is 1 + w of Ho & Salimans 2022, Eq. 6: w = 1 is the plain conditional model.
+        Guided: eps = eps_uncond + w (eps_cond - eps_uncond), both halves in one network call
+        (for v the same: v is affine in eps at fixed x_t). This w is 1 + w of Ho & Salimans
+        2022, Eq. 6: w = 1 is the plain conditional model.
         """
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
         if y is None:
@@ -402,9 +440,12 @@ class GaussianDiffusion(nn.Module):
 
     def _x0_and_eps(self, xt, t, y, guidance, clip_x0):
         """Predicted x0 and eps at (x_t, t); clipping x0 to [-1, 1] re-derives eps from it."""
-        eps = self._eps(xt, t, y, guidance)
+        out = self._guided_output(xt, t, y, guidance)
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
-        x0_pred = self.predict_x0_from_eps(xt, tt, eps)
+        if self.prediction == "eps":
+            eps, x0_pred = out, self.predict_x0_from_eps(xt, tt, out)
+        else:
+            x0_pred, eps = self.x0_and_eps_from_v(xt, tt, out)
         if clip_x0:
             x0_pred = x0_pred.clamp(-1, 1)
             eps = self.predict_eps_from_x0(xt, tt, x0_pred)
@@ -511,7 +552,7 @@ class GaussianDiffusion(nn.Module):
         alpha_bar_prev = 1.0  # x0 is the "timestep before" the first one
         for t in self._progress(seq, progress, "DDIM inversion"):
             alpha_bar_t = abar[t]
-            eps = self._eps(x, t, y, guidance)
+            _, eps = self._x0_and_eps(x, t, y, guidance, clip_x0=False)
             x0_pred = (x - math.sqrt(1 - alpha_bar_prev) * eps) / math.sqrt(alpha_bar_prev)
             x = math.sqrt(alpha_bar_t) * x0_pred + math.sqrt(1 - alpha_bar_t) * eps  # Eq. 12, eta = 0
             alpha_bar_prev = alpha_bar_t

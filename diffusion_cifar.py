@@ -320,6 +320,7 @@ def cosine_beta_schedule(timesteps, s=0.008):
     return np.clip(1 - abar[1:] / abar[:-1], 0, 0.999)
 
 
+PREDICTIONS = ("eps", "v")  # what the network is trained to output
 SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
 
 
@@ -346,16 +347,21 @@ def ddim_timesteps(num_timesteps, steps):
 class GaussianDiffusion(nn.Module):
     """DDPM forward process q, its posterior, the training loss, and two samplers.
 
-    `model` is any callable model(x, t) (or model(x, t, y)) that returns eps_pred shaped like x.
+    `model` is any callable model(x, t) (or model(x, t, y)) that returns a tensor shaped like x:
+    the noise eps (prediction="eps", DDPM) or the velocity v = sqrt(abar) eps - sqrt(1 - abar) x0
+    (prediction="v", Salimans & Ho 2022, Sec. 4). Every sampler works with either.
     """
 
-    def __init__(self, model, timesteps=1000, schedule="cosine"):
+    def __init__(self, model, timesteps=1000, schedule="cosine", prediction="eps"):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose from {sorted(SCHEDULES)}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose from {list(PREDICTIONS)}")
         self.model = model
         self.num_timesteps = int(timesteps)
         self.schedule = schedule
+        self.prediction = prediction
 
         betas = SCHEDULES[schedule](self.num_timesteps)  # float64
         alphas = 1.0 - betas
@@ -406,11 +412,28 @@ class GaussianDiffusion(nn.Module):
         return (_extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / \
             _extract(self.sqrt_recipm1_alphas_cumprod, t, xt)
 
+    def velocity(self, x0, t, noise):
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0.  Salimans & Ho 2022, Sec. 4."""
+        return _extract(self.sqrt_alphas_cumprod, t, x0) * noise - \
+            _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+    def x0_and_eps_from_v(self, xt, t, v):
+        """x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v and eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v.
+
+        Unlike x0 from eps (Eq. 15), nothing is divided by sqrt(abar_t), which is about 5e-5 at
+        the last step of the cosine schedule: x0 stays well-defined in pure noise."""
+        a = _extract(self.sqrt_alphas_cumprod, t, xt)  # sqrt(abar_t)
+        s = _extract(self.sqrt_one_minus_alphas_cumprod, t, xt)  # sqrt(1 - abar_t)
+        return a * xt - s * v, s * xt + a * v
+
     # -- training ------------------------------------------------------------------------
 
     def loss(self, x0, y=None, p_uncond=0.1, t=None, noise=None):
         """L_simple = E_{t, x0, eps} ||eps - eps_theta(x_t, t)||^2.  DDPM Alg. 1, Eq. 14.
 
+        With prediction="v" the target is v instead of eps: in terms of x0 the loss weight is
+        then SNR + 1 rather than SNR (Salimans & Ho 2022, Sec. 4), so the almost pure-noise
+        steps, where the rough shape of the image is decided, are no longer weighted by nearly zero.
         t is uniform over all T steps. For a conditional model, labels are replaced by the
         null class with probability p_uncond (classifier-free guidance training). t and noise
         may be fixed by the caller, as the validation loss does.
@@ -424,16 +447,19 @@ class GaussianDiffusion(nn.Module):
         if y is not None and p_uncond > 0:
             drop = torch.rand(B, device=x0.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
-        eps_pred = self.model(xt, t) if y is None else self.model(xt, t, y)
-        return F.mse_loss(eps_pred, noise)
+        target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
+        pred = self.model(xt, t) if y is None else self.model(xt, t, y)
+        return F.mse_loss(pred, target)
 
     # -- sampling helpers --------------------------------------------------------------------
 
-    def _eps(self, xt, t, y, guidance):
-        """eps_theta(x_t, t), with classifier-free guidance when y is given and guidance != 1.
+    def _guided_output(self, xt, t, y, guidance):
+        """The network output at (x_t, t), with classifier-free guidance when y is given and
+        guidance != 1.
 
-        Guided: eps = eps_uncond + w (eps_cond - eps_uncond), both halves in one network call.
-        This w is 1 + w of Ho & Salimans 2022, Eq. 6: w = 1 is the plain conditional model.
+        Guided: eps = eps_uncond + w (eps_cond - eps_uncond), both halves in one network call
+        (for v the same: v is affine in eps at fixed x_t). This w is 1 + w of Ho & Salimans
+        2022, Eq. 6: w = 1 is the plain conditional model.
         """
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
         if y is None:
@@ -447,9 +473,12 @@ class GaussianDiffusion(nn.Module):
 
     def _x0_and_eps(self, xt, t, y, guidance, clip_x0):
         """Predicted x0 and eps at (x_t, t); clipping x0 to [-1, 1] re-derives eps from it."""
-        eps = self._eps(xt, t, y, guidance)
+        out = self._guided_output(xt, t, y, guidance)
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
-        x0_pred = self.predict_x0_from_eps(xt, tt, eps)
+        if self.prediction == "eps":
+            eps, x0_pred = out, self.predict_x0_from_eps(xt, tt, out)
+        else:
+            x0_pred, eps = self.x0_and_eps_from_v(xt, tt, out)
         if clip_x0:
             x0_pred = x0_pred.clamp(-1, 1)
             eps = self.predict_eps_from_x0(xt, tt, x0_pred)
@@ -556,7 +585,7 @@ class GaussianDiffusion(nn.Module):
         alpha_bar_prev = 1.0  # x0 is the "timestep before" the first one
         for t in self._progress(seq, progress, "DDIM inversion"):
             alpha_bar_t = abar[t]
-            eps = self._eps(x, t, y, guidance)
+            _, eps = self._x0_and_eps(x, t, y, guidance, clip_x0=False)
             x0_pred = (x - math.sqrt(1 - alpha_bar_prev) * eps) / math.sqrt(alpha_bar_prev)
             x = math.sqrt(alpha_bar_t) * x0_pred + math.sqrt(1 - alpha_bar_t) * eps  # Eq. 12, eta = 0
             alpha_bar_prev = alpha_bar_t

@@ -144,7 +144,8 @@ def classes_mode(args, diffusion, module, ckpt, shape, device, out_dir, guidance
 
     n = len(ws)
     xT = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device).repeat(n, 1, 1, 1)
-    blend = module.GaussianDiffusion(blended, diffusion.num_timesteps, diffusion.schedule).to(device)
+    blend = module.GaussianDiffusion(blended, diffusion.num_timesteps, diffusion.schedule,
+                                     diffusion.prediction).to(device)
     frame = torch.arange(n, device=device)
     decoded = blend.ddim_sample(xT.shape, steps=args.steps, noise=xT, y=frame, guidance=guidance)
     common.image_rows_figure([decoded], [f"{c_a} -> {c_b}"], out_dir / "class_interpolation.png",

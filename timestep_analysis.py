@@ -170,14 +170,16 @@ def schedules_figure(T, path):
 
 @torch.no_grad()
 def loss_per_timestep(diffusion, x0, points, seed):
-    """Mean noise MSE at `points` evenly spaced t, with fixed noise per image."""
+    """Mean noise MSE ||eps - eps_pred||^2 at `points` evenly spaced t, with fixed noise per
+    image. For a v-prediction model eps_pred is derived from v, so the curves compare."""
     T = diffusion.num_timesteps
     ts = sorted({round(v) for v in np.linspace(0, T - 1, points)})
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
     losses = []
     for t in ts:
         tt = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
-        losses.append(diffusion.loss(x0, t=tt, noise=noise, p_uncond=0.0).item())
+        _, eps_pred = diffusion._x0_and_eps(diffusion.q_sample(x0, tt, noise), t, None, 1.0, clip_x0=False)
+        losses.append((eps_pred - noise).pow(2).mean().item())
     return ts, losses
 
 

@@ -22,7 +22,7 @@ def parse_args(argv=None):
     common.add_training_args(p)
     # defaults chosen for "digits in 10 minutes on 2 CPU cores" that also suit long GPU runs
     p.set_defaults(batch_size=64, lr=2e-3, warmup=200, ema_decay=0.9995, schedule="cosine",
-                   lr_schedule="cosine", epochs=50, patience=5)
+                   prediction="v", lr_schedule="cosine", epochs=50, patience=5)
     return p.parse_args(argv)
 
 
@@ -37,7 +37,7 @@ def main(args):
             common.fail(f"--image-size {args.image_size} must be divisible by "
                         f"{2 ** (len(args.hidden_dims) - 1)} for {len(args.hidden_dims)} levels")
         model_config = dict(image_size=args.image_size, channels=1, hidden_dims=list(args.hidden_dims),
-                            time_dim=args.time_dim, num_classes=None)
+                            time_dim=args.time_dim, num_classes=None, adaptive_norm=True)
     data = common.load_dataset(args.dataset, args.data_dir, model_config["image_size"], channels=1)
     if args.class_cond and model_config["num_classes"] is None and ckpt is None:
         model_config["num_classes"] = data.num_classes

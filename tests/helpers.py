@@ -87,28 +87,39 @@ def write_cifar10(root, n_per_batch=20, n_test=20):
 
 
 class OneImageDenoiser:
-    """The exact eps-predictor when the data set is the single image x_star:
-    eps(x_t, t) = (x_t - sqrt(abar_t) x_star) / sqrt(1 - abar_t). It counts its calls."""
+    """The exact denoiser when the data set is the single image x_star:
+    eps(x_t, t) = (x_t - sqrt(abar_t) x_star) / sqrt(1 - abar_t), or with prediction="v" the
+    exact v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_star. It counts its calls."""
 
-    def __init__(self, diffusion, x_star):
-        self.d, self.x_star, self.calls, self.ts = diffusion, x_star, 0, []
+    def __init__(self, diffusion, x_star, prediction="eps"):
+        self.d, self.x_star, self.prediction, self.calls, self.ts = diffusion, x_star, prediction, 0, []
 
     def __call__(self, x, t, y=None):
         self.calls += 1
         self.ts.append(int(t[0]))
-        abar = self.d.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return (x - abar.sqrt() * self.x_star) / (1 - abar).sqrt()
+        abar = self.d.alphas_cumprod[t].view(-1, 1, 1, 1).double()
+        eps = (x.double() - abar.sqrt() * self.x_star) / (1 - abar).sqrt()
+        return as_prediction(eps, self.x_star, abar, self.prediction)
 
 
 class GaussianDenoiser:
-    """The exact eps-predictor for data ~ N(mu, s^2 I): x_t ~ N(sqrt(abar) mu, abar s^2 + 1 - abar),
-    so E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar)."""
+    """The exact denoiser for data ~ N(mu, s^2 I): x_t ~ N(sqrt(abar) mu, abar s^2 + 1 - abar),
+    so E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar) and
+    E[x0 | x_t] = mu + sqrt(abar) s^2 (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar)."""
 
-    def __init__(self, diffusion, mu, s):
-        self.d, self.mu, self.s = diffusion, mu, s
+    def __init__(self, diffusion, mu, s, prediction="eps"):
+        self.d, self.mu, self.s, self.prediction = diffusion, mu, s, prediction
 
     def __call__(self, x, t, y=None):
         abar = self.d.alphas_cumprod[t].view(-1, 1, 1, 1).double()
-        x = x.double()
-        eps = (1 - abar).sqrt() * (x - abar.sqrt() * self.mu) / (abar * self.s ** 2 + 1 - abar)
-        return eps.float()
+        r = (x.double() - abar.sqrt() * self.mu) / (abar * self.s ** 2 + 1 - abar)
+        eps = (1 - abar).sqrt() * r
+        x0 = self.mu + abar.sqrt() * self.s ** 2 * r
+        return as_prediction(eps, x0, abar, self.prediction)
+
+
+def as_prediction(eps, x0, abar, prediction):
+    """eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), as float32."""
+    if prediction == "v":
+        return (abar.sqrt() * eps - (1 - abar).sqrt() * x0).float()
+    return eps.float()

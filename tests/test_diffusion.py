@@ -19,8 +19,8 @@ def D(request):
     return request.param
 
 
-def make(D, timesteps=1000, schedule="cosine"):
-    return D.GaussianDiffusion(lambda x, t, y=None: torch.zeros_like(x), timesteps, schedule)
+def make(D, timesteps=1000, schedule="cosine", prediction="eps"):
+    return D.GaussianDiffusion(lambda x, t, y=None: torch.zeros_like(x), timesteps, schedule, prediction)
 
 
 def x_star(shape=(2, 1, 8, 8), seed=0):
@@ -112,6 +112,43 @@ def test_eps_and_x0_conversions_are_inverse(D):
     assert torch.allclose(d.predict_eps_from_x0(x, t, x0), eps, atol=1e-3)
 
 
+def test_v_conversions_recover_x0_and_eps(D):
+    d = make(D, prediction="v")
+    x0, eps = x_star((3, 1, 4, 4)), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([0, 500, 999])
+    xt = d.q_sample(x0, t, eps)
+    v = d.velocity(x0, t, eps)
+    x0_rec, eps_rec = d.x0_and_eps_from_v(xt, t, v)
+    assert torch.allclose(x0_rec, x0, atol=1e-5) and torch.allclose(eps_rec, eps, atol=1e-5)
+    # v is a rotation of (eps, x0): |v|^2 + |xt|^2 = |eps|^2 + |x0|^2
+    assert torch.allclose(v.pow(2) + xt.pow(2), eps.pow(2) + x0.pow(2), atol=1e-5)
+    # the loss target: a network that outputs the exact v has zero loss
+    d.model = lambda x, tt: d.velocity(x0, tt, eps)
+    assert d.loss(x0, t=t, noise=eps).item() < 1e-10
+
+
+def test_v_prediction_keeps_x0_defined_in_pure_noise(D):
+    """At t = T-1, x0 from eps divides by sqrt(abar) ~ 5e-5: an eps error of 0.01 becomes an
+    x0 error of ~200. From v the same error stays ~0.01. This is why v suits the cosine schedule."""
+    x0, noise = x_star((1, 1, 4, 4)), torch.randn(1, 1, 4, 4)
+    t = torch.tensor([999])
+    err = 0.01 * torch.randn(1, 1, 4, 4)
+    errors = {}
+    for prediction in ("eps", "v"):
+        d = make(D, prediction=prediction)
+        xt = d.q_sample(x0, t, noise)
+        exact = noise if prediction == "eps" else d.velocity(x0, t, noise)
+        d.model = lambda x, tt, y=None: exact + err
+        x0_pred, _ = d._x0_and_eps(xt, 999, None, 1.0, clip_x0=False)
+        errors[prediction] = (x0_pred - x0).abs().max().item()
+    assert errors["eps"] > 10 and errors["v"] < 0.05
+
+
+def test_unknown_prediction_is_rejected(D):
+    with pytest.raises(ValueError, match="prediction"):
+        make(D, prediction="x0")
+
+
 def test_ddim_eta1_over_all_steps_gives_posterior_variance(D):
     d = make(D, timesteps=200)
     abar = d.alphas_cumprod.double()
@@ -138,10 +175,11 @@ def test_ddim_timesteps_are_even_and_end_at_zero(D):
 
 @pytest.mark.parametrize("steps", [1, 10, 1000])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_returns_the_one_image_with_exact_denoiser(D, steps, eta):
-    d = make(D)
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddim_returns_the_one_image_with_exact_denoiser(D, steps, eta, prediction):
+    d = make(D, prediction=prediction)
     xs = x_star()
-    d.model = net = OneImageDenoiser(d, xs)
+    d.model = net = OneImageDenoiser(d, xs, prediction)
     out = d.ddim_sample(xs.shape, steps=steps, eta=eta, generator=torch.Generator().manual_seed(0))
     # one step divides by sqrt(abar_{T-1}) ~ 1e-2 in float32, so it is less exact
     assert torch.allclose(out, xs, atol=1e-3 if steps > 1 else 1e-2)
@@ -152,10 +190,11 @@ def test_ddim_returns_the_one_image_with_exact_denoiser(D, steps, eta):
 
 
 @pytest.mark.parametrize("variance", ["posterior", "beta"])
-def test_ddpm_returns_the_one_image_with_exact_denoiser(D, variance):
-    d = make(D, timesteps=100)
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddpm_returns_the_one_image_with_exact_denoiser(D, variance, prediction):
+    d = make(D, timesteps=100, prediction=prediction)
     xs = x_star()
-    d.model = net = OneImageDenoiser(d, xs)
+    d.model = net = OneImageDenoiser(d, xs, prediction)
     out = d.ddpm_sample(xs.shape, generator=torch.Generator().manual_seed(0), variance=variance)
     assert net.calls == 100 and net.ts == list(range(99, -1, -1))
     # the last step adds no noise, so the one image comes back exactly
@@ -163,14 +202,15 @@ def test_ddpm_returns_the_one_image_with_exact_denoiser(D, variance):
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta0", "ddim_eta1"])
-def test_samplers_reproduce_a_gaussian_data_distribution(D, sampler):
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_samplers_reproduce_a_gaussian_data_distribution(D, sampler, prediction):
     """With the exact denoiser of N(mu, s^2), samples must have mean mu and std s.
 
     The stochastic samplers are exact only as T grows (beta-tilde is the right reverse
     variance for a point mass, not for a spread), so use the full T = 1000."""
-    d = make(D, timesteps=1000, schedule="linear")
+    d = make(D, timesteps=1000, schedule="linear", prediction=prediction)
     mu, s = 0.3, 0.2
-    d.model = GaussianDenoiser(d, mu, s)
+    d.model = GaussianDenoiser(d, mu, s, prediction)
     g = torch.Generator().manual_seed(0)
     shape = (4000, 1, 2, 2)
     if sampler == "ddpm":
@@ -198,9 +238,10 @@ def test_ddim_eta0_is_deterministic_and_seeded(D):
     assert torch.equal(e1, e2)
 
 
-def test_ddim_inversion_then_sampling_reconstructs(D):
-    d = make(D, timesteps=1000)
-    d.model = GaussianDenoiser(d, 0.1, 0.5)
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddim_inversion_then_sampling_reconstructs(D, prediction):
+    d = make(D, timesteps=1000, prediction=prediction)
+    d.model = GaussianDenoiser(d, 0.1, 0.5, prediction)
     x0 = x_star((3, 1, 6, 6), seed=7)  # arbitrary images, not the data mean
     errors = {}
     for steps in (10, 100, 1000):
@@ -237,7 +278,7 @@ def test_clip_x0_keeps_prediction_in_range(D):
     assert out.abs().max() <= 1.0  # samples are returned in [-1, 1]
 
 
-def test_classifier_free_guidance_combines_eps(D):
+def test_classifier_free_guidance_combines_outputs(D):
     d = make(D, timesteps=10)
     calls = []
 
@@ -247,7 +288,7 @@ def test_classifier_free_guidance_combines_eps(D):
 
     d.model = model
     y = torch.tensor([2, 5])
-    eps = d._eps(torch.zeros(2, 1, 2, 2), 4, y, guidance=2.5)
+    eps = d._guided_output(torch.zeros(2, 1, 2, 2), 4, y, guidance=2.5)
     # eps_uncond + w (eps_cond - eps_uncond) = 1 + 2.5 * (3 - 1) = 6
     assert torch.allclose(eps, torch.full_like(eps, 6.0))
     assert calls == [[2, 5, -1, -1]]  # one batched call with the null class appended
@@ -299,7 +340,13 @@ def test_default_model_has_expected_layout():
     D = diffusion  # the MNIST U-Net; tests/test_cifar.py covers the CIFAR one
     m = D.DiffusionModel()
     assert m.config == dict(image_size=28, channels=1, hidden_dims=[32, 64, 128], time_dim=128,
-                            num_classes=None)
+                            num_classes=None, adaptive_norm=True)
+    # adaptive norm: the time embedding gives a scale and a shift per channel; without it
+    # (checkpoints of the first version) only a shift, added before the norm
+    assert m.downs[0].res.time_proj[1].out_features == 2 * 32
+    old = D.DiffusionModel(adaptive_norm=False)
+    assert old.downs[0].res.time_proj[1].out_features == 32
+    assert sum(p.numel() for p in old.parameters()) == 1_852_737  # the first version's count
     assert isinstance(m.bottleneck.attn, D.SelfAttention)
     # rebuildable from its config alone
     assert sum(p.numel() for p in D.DiffusionModel(**m.config).parameters()) == \

@@ -55,7 +55,33 @@ def test_end_to_end_writes_every_output(mnist_dir):
     model.load_state_dict(ckpt["ema"]["shadow"])
     model2, diff2, module = common.model_from_checkpoint(ckpt, "cpu")
     assert module is diffusion and diff2.num_timesteps == 50 and diff2.schedule == "cosine"
+    assert diff2.prediction == "v"  # the MNIST default
 
+
+def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir):
+    """A checkpoint of the first version (no --prediction, no adaptive_norm) holds an eps model
+    whose time embedding is added: it still samples and resumes as one."""
+    run(mnist_dir, "--max-steps", "2", "--prediction", "eps")
+    last = mnist_dir / "out" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["args"]["prediction"], ckpt["diffusion"]["prediction"], ckpt["model_config"]["adaptive_norm"]
+    old = diffusion.DiffusionModel(**ckpt["model_config"], adaptive_norm=False)  # the old network
+    opt = torch.optim.AdamW(old.parameters())
+    old(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)).sum().backward()
+    opt.step()
+    ckpt.update(model=old.state_dict(), optimizer=opt.state_dict())
+    ckpt["ema"]["shadow"] = {k: v.clone() for k, v in old.state_dict().items()}
+    torch.save(ckpt, last)
+
+    model, diff, _ = common.model_from_checkpoint(common.load_checkpoint(last, "mnist"), "cpu")
+    assert diff.prediction == "eps" and not model.config["adaptive_norm"]
+    args = train_diffusion.parse_args(["--resume", str(last), "--max-steps", "3", "--device", "cpu",
+                                       "--out-dir", str(mnist_dir / "out"),
+                                       "--data-dir", str(mnist_dir / "data")])
+    train_diffusion.main(args)
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["state"]["step"] == 3 and ckpt["diffusion"]["prediction"] == "eps"
+    assert ckpt["model_config"]["adaptive_norm"] is False
 
 def test_resume_continues_exactly(mnist_dir):
     run(mnist_dir, "--epochs", "2", out="straight")
