@@ -9,7 +9,9 @@ Conventions
 - Images live in [-1, 1], shaped (B, C, H, W).
 - Timesteps are 0-indexed: code t = paper t - 1. Code t = 0 is the last denoising step
   (paper t = 1), code t = T - 1 the first (paper t = T).
-- The network predicts the noise eps that was added (DDPM's "epsilon parameterization").
+- The network predicts the noise eps that was added (DDPM's "epsilon parameterization"),
+  or with prediction="v" the velocity v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho
+  2022, "Progressive Distillation", arXiv:2202.00512). train_diffusion.py trains v by default.
 - Class labels are integers in [0, num_classes); the label -1 means "no class" and selects
   the extra null embedding used by classifier-free guidance.
 
@@ -80,12 +82,12 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
-        t = self.time_proj(emb)[:, :, None, None]  # (B, C or 2C, 1, 1) broadcast over H, W
+        proj = self.time_proj(emb)[:, :, None, None]  # (B, C or 2C, 1, 1) broadcast over H, W
         if self.adaptive_norm:
-            scale, shift = t.chunk(2, dim=1)
+            scale, shift = proj.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + t)
+            h = self.norm2(h + proj)
         h = self.conv2(F.silu(h))
         return h + self.skip(x)
 

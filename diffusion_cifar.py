@@ -7,13 +7,16 @@ and, for the cosine schedule, Nichol & Dhariwal 2021, arXiv:2102.09672.
 
 It has the same public names, section order and process API as diffusion.py (the MNIST
 model); only the U-Net differs. PRESETS["ddpm"] is the DDPM paper's CIFAR-10 network
-(Appendix B: 35.7M parameters). tests/test_parity.py keeps the shared math identical.
+(Appendix B: 35.7M parameters). tests/test_cifar.py keeps the shared math identical.
 
 Conventions
 - Images live in [-1, 1], shaped (B, C, H, W).
 - Timesteps are 0-indexed: code t = paper t - 1. Code t = 0 is the last denoising step
   (paper t = 1), code t = T - 1 the first (paper t = T).
-- The network predicts the noise eps that was added (DDPM's "epsilon parameterization").
+- The network predicts the noise eps that was added (DDPM's "epsilon parameterization"),
+  or with prediction="v" the velocity v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho
+  2022, "Progressive Distillation", arXiv:2202.00512). train_diffusion_cifar.py keeps eps
+  by default, as the DDPM paper does.
 - Class labels are integers in [0, num_classes); the label -1 means "no class" and selects
   the extra null embedding used by classifier-free guidance.
 
