@@ -668,9 +668,9 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
     from tqdm.auto import tqdm
     bf16 = use_bf16(args.amp, device)
     if main_proc:
-        print(f"{kind} model: {n_params / 1e6:.2f}M parameters, {len(train_idx)} training images, "
-              f"{batches_per_epoch} steps per epoch, device {device}, {world} process(es), "
-              f"{'bf16 autocast' if bf16 else 'fp32'}")
+        print(f"{kind} model: {n_params / 1e6:.2f}M parameters, predicts {args.prediction}, "
+              f"{len(train_idx)} training images, {batches_per_epoch} steps per epoch, "
+              f"device {device}, {world} process(es), {'bf16 autocast' if bf16 else 'fp32'}")
     start = time.time()
     stop_reason = None
     try:
