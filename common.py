@@ -498,8 +498,9 @@ def prepare_args(args, kind):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, kind)
-        merged = {**vars(args), **ckpt["args"]}  # options newer than the checkpoint: defaults
-        merged["prediction"] = ckpt["diffusion"]["prediction"]
+        # options newer than the checkpoint keep their defaults; the process (timesteps,
+        # schedule, prediction) is always the one the checkpoint's network was trained with
+        merged = {**vars(args), **ckpt["args"], **ckpt["diffusion"]}
         merged.update({k: v for k, v in vars(args).items() if k in RESUME_OVERRIDES})
         args = type(args)(**merged)
     check_training_args(args)

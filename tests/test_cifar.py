@@ -29,9 +29,10 @@ def stub(x, t, y=None):
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_parity_of_the_two_modules(schedule):
-    a = diffusion.GaussianDiffusion(stub, timesteps=100, schedule=schedule)
-    b = diffusion_cifar.GaussianDiffusion(stub, timesteps=100, schedule=schedule)
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_parity_of_the_two_modules(schedule, prediction):
+    a = diffusion.GaussianDiffusion(stub, timesteps=100, schedule=schedule, prediction=prediction)
+    b = diffusion_cifar.GaussianDiffusion(stub, timesteps=100, schedule=schedule, prediction=prediction)
     for name, buf in a.named_buffers():
         assert torch.equal(buf, getattr(b, name)), name
     x0 = torch.rand(3, 3, 8, 8) * 2 - 1
@@ -48,8 +49,8 @@ def test_parity_of_the_two_modules(schedule):
 
     # one DDPM step (T = 1) and whole chains, one DDIM step and a stochastic DDIM chain
     for T in (1, 100):
-        a1 = diffusion.GaussianDiffusion(stub, T, schedule)
-        b1 = diffusion_cifar.GaussianDiffusion(stub, T, schedule)
+        a1 = diffusion.GaussianDiffusion(stub, T, schedule, prediction)
+        b1 = diffusion_cifar.GaussianDiffusion(stub, T, schedule, prediction)
         assert torch.equal(run(a1, type(a1).ddpm_sample), run(b1, type(b1).ddpm_sample))
     for steps in (1, 7):
         assert torch.equal(run(a, type(a).ddim_sample, steps=steps, eta=0.5),
@@ -63,6 +64,7 @@ def test_modules_have_the_same_public_names_in_the_same_order():
                 and getattr(getattr(m, n), "__module__", None) == m.__name__]
     assert public(diffusion) == public(diffusion_cifar)
     assert diffusion.NULL_CLASS == diffusion_cifar.NULL_CLASS
+    assert diffusion.PREDICTIONS == diffusion_cifar.PREDICTIONS
 
 
 # -- the CIFAR U-Net --------------------------------------------------------------------------
