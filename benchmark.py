@@ -99,13 +99,14 @@ def models(args):
 
 
 def bench_training(name, module, config, schedule, batch, device, args):
-    model = module.DiffusionModel(**config).to(device, memory_format=torch.channels_last)
+    amp = args.amp == "bf16"
+    layout = common.memory_format(device, amp)  # as common.train
+    model = module.DiffusionModel(**config).to(device, memory_format=layout)
     diff = module.GaussianDiffusion(model, 1000, schedule).to(device)
     ema = module.EMA(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")  # as common.train
     shape = (batch, config["channels"], config["image_size"], config["image_size"])
-    x0 = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
-    amp = args.amp == "bf16"
+    x0 = torch.randn(shape, device=device).contiguous(memory_format=layout)
     if args.compile:
         diff.model = torch.compile(model)
 
@@ -154,7 +155,9 @@ def bench_diffusers_baseline(batch, device, args):
         from diffusers import UNet2DModel
     except ImportError:
         return []
-    net = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 128),
+    widths = tuple(diffusion.DiffusionModel().config["hidden_dims"])  # the MNIST default
+    net = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=widths,
+                      norm_num_groups=8,  # as group_norm in diffusion.py
                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")).to(device)
     params = round(sum(p.numel() for p in net.parameters()) / 1e6, 2)

@@ -77,6 +77,13 @@ def use_bf16(amp, device):
     return device.type == "cpu" and cpu_has_fast_bf16()
 
 
+def memory_format(device, bf16):
+    """channels_last (NHWC) speeds up convolutions on CUDA and in float32 on the CPU; with bf16
+    autocast on the CPU the default NCHW layout is faster (measured on a 2-core AMD EPYC,
+    MNIST model, batch 64: 236 img/s NCHW against 209 channels_last; float32 137 against 159)."""
+    return torch.contiguous_format if device.type == "cpu" and bf16 else torch.channels_last
+
+
 def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -287,6 +294,8 @@ def load_checkpoint(path, kind=None):
     # checkpoints saved before these options existed hold an eps model, and for MNIST a
     # network whose time embedding is added rather than scaling the norm
     ckpt["diffusion"].setdefault("prediction", "eps")
+    if isinstance(ckpt.get("args"), dict):
+        ckpt["args"].setdefault("t_power", 1.0)  # uniform training timesteps
     if ckpt["kind"] == "mnist":
         ckpt["model_config"].setdefault("adaptive_norm", False)
     return ckpt
@@ -437,6 +446,9 @@ def add_training_args(p):
     a("--prediction", choices=["eps", "v"], default="eps",
       help="what the network outputs: the noise eps (DDPM) or the velocity v (Salimans & Ho)")
     a("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
+    a("--t-power", type=float, default=1.0,
+      help="training timesteps t have density proportional to t^(power - 1): 1 is uniform, "
+           "2 trains the noisier steps more")
     a("--class-cond", action="store_true", help="train a class-conditional model")
     a("--p-uncond", type=float, default=0.1, help="label dropout for classifier-free guidance")
     a("--guidance", type=float, default=2.0, help="classifier-free guidance scale for samples")
@@ -469,6 +481,8 @@ def check_training_args(args):
         fail(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.sample_steps > args.timesteps:
         fail(f"--sample-steps ({args.sample_steps}) cannot exceed --timesteps ({args.timesteps})")
+    if not 0 < args.t_power <= 10:
+        fail(f"--t-power must be in (0, 10], got {args.t_power}")
     if args.warmup < 0 or args.patience < 1 or args.grad_clip <= 0:
         fail("--warmup must be >= 0, --patience >= 1 and --grad-clip > 0")
 
@@ -507,6 +521,17 @@ def prepare_args(args, kind):
     return args, ckpt
 
 
+def training_timesteps(n, num_timesteps, power, device):
+    """n training timesteps drawn with density p(t) proportional to (t + 1/2)^(power - 1).
+
+    power = 1 is DDPM's uniform t. power = 2 samples t in proportion to t: three quarters of
+    the batch falls in the noisier half of the process. In expectation this is the uniform-t
+    loss weighted by T p(t); the best prediction at each t is unchanged.
+    """
+    u = torch.rand(n, device=device)
+    return (num_timesteps * u ** (1.0 / power)).long().clamp_(max=num_timesteps - 1)
+
+
 def train(args, kind, module, model_config, data, augment=None, ckpt=None):
     """Train `module`.DiffusionModel(**model_config) on `data`; write checkpoints and pictures.
 
@@ -524,7 +549,9 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
 
     # -- the model, its process, EMA and optimizer (same initial weights on every rank)
     torch.manual_seed(args.seed)
-    model = module.DiffusionModel(**model_config).to(device, memory_format=torch.channels_last)
+    bf16 = use_bf16(args.amp, device)
+    layout = memory_format(device, bf16)
+    model = module.DiffusionModel(**model_config).to(device, memory_format=layout)
     ema = module.EMA(model, args.ema_decay)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     sampler_diffusion = module.GaussianDiffusion(ema_model, args.timesteps, args.schedule,
@@ -603,7 +630,7 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
         total = 0.0
         for i in range(0, len(val_idx), 256):
             sl = slice(i, i + 256)
-            x0 = val_x0[sl].to(device).contiguous(memory_format=torch.channels_last)
+            x0 = val_x0[sl].to(device).contiguous(memory_format=layout)
             y = val_y[sl].to(device) if val_y is not None else None
             total += sampler_diffusion.loss(x0, y, p_uncond=0.0, t=val_t[sl].to(device),
                                             noise=val_noise[sl].to(device)).item() * len(x0)
@@ -667,7 +694,6 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
         if main_proc and world == 1 else None
 
     from tqdm.auto import tqdm
-    bf16 = use_bf16(args.amp, device)
     if main_proc:
         print(f"{kind} model: {n_params / 1e6:.2f}M parameters, predicts {args.prediction}, "
               f"{len(train_idx)} training images, {batches_per_epoch} steps per epoch, "
@@ -683,17 +709,18 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
             epoch_start, epoch_images = time.time(), 0
             model.train()
             for b in bar:
-                # data: a batch of uint8 images -> [-1, 1], channels_last, augmented
+                # data: a batch of uint8 images -> [-1, 1], in the model's layout, augmented
                 idx = order[b * args.batch_size:(b + 1) * args.batch_size]
                 x0 = to_model_range(images[idx.to(images.device)]).to(device)
-                x0 = x0.contiguous(memory_format=torch.channels_last)
+                x0 = x0.contiguous(memory_format=layout)
                 if augment is not None:
                     x0 = augment(x0)
                 y = labels[idx].to(device) if labels is not None else None
 
                 # forward / backward: DDPM Alg. 1 on this batch
+                t = training_timesteps(len(x0), args.timesteps, args.t_power, device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = diffusion.loss(x0, y, p_uncond=args.p_uncond)
+                    loss = diffusion.loss(x0, y, p_uncond=args.p_uncond, t=t)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

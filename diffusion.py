@@ -57,7 +57,7 @@ class TimeEmbedding(nn.Module):
 
 
 def group_norm(channels):
-    # 8 groups suits the narrow widths of a CPU-sized model (32 channels -> 4 per group)
+    # 8 groups suits the narrow widths of a CPU-sized model (16 channels -> 2 per group)
     return nn.GroupNorm(min(8, channels), channels)
 
 
@@ -169,7 +169,7 @@ class DiffusionModel(nn.Module):
     adaptive_norm: the time embedding scales and shifts the features (see ResidualBlock).
     """
 
-    def __init__(self, image_size=28, channels=1, hidden_dims=(32, 64, 128), time_dim=128,
+    def __init__(self, image_size=28, channels=1, hidden_dims=(16, 32, 64), time_dim=128,
                  num_classes=None, adaptive_norm=True):
         super().__init__()
         hidden_dims = tuple(hidden_dims)
@@ -403,9 +403,9 @@ class GaussianDiffusion(nn.Module):
         With prediction="v" the target is v instead of eps: in terms of x0 the loss weight is
         then SNR + 1 rather than SNR (Salimans & Ho 2022, Sec. 4), so the almost pure-noise
         steps, where the rough shape of the image is decided, are no longer weighted by nearly zero.
-        t is uniform over all T steps. For a conditional model, labels are replaced by the
-        null class with probability p_uncond (classifier-free guidance training). t and noise
-        may be fixed by the caller, as the validation loss does.
+        t is uniform over all T steps unless the caller passes it (the validation loss fixes t
+        and noise; train_diffusion.py draws t with density ~ t). For a conditional model, labels
+        are replaced by the null class with probability p_uncond (classifier-free guidance).
         """
         B = x0.shape[0]
         if t is None:

@@ -15,14 +15,14 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="mnist",
                    help="mnist, fashion-mnist, or a folder of images (your own data set)")
     p.add_argument("--image-size", type=int, default=28, help="images are resized to this (folders)")
-    p.add_argument("--hidden-dims", type=int, nargs="+", default=[32, 64, 128],
+    p.add_argument("--hidden-dims", type=int, nargs="+", default=[16, 32, 64],
                    help="U-Net width at each resolution")
     p.add_argument("--time-dim", type=int, default=128, help="width of the time embedding")
     p.add_argument("--out-dir", default="runs/mnist")
     common.add_training_args(p)
     # defaults chosen for "digits in 10 minutes on 2 CPU cores" that also suit long GPU runs
     p.set_defaults(batch_size=64, lr=2e-3, warmup=200, ema_decay=0.9995, schedule="cosine",
-                   prediction="v", lr_schedule="cosine", epochs=50, patience=5)
+                   prediction="v", t_power=2.0, lr_schedule="cosine", epochs=50, patience=5)
     return p.parse_args(argv)
 
 

@@ -339,12 +339,12 @@ def test_unet_other_sizes_and_bad_size():
 def test_default_model_has_expected_layout():
     D = diffusion  # the MNIST U-Net; tests/test_cifar.py covers the CIFAR one
     m = D.DiffusionModel()
-    assert m.config == dict(image_size=28, channels=1, hidden_dims=[32, 64, 128], time_dim=128,
+    assert m.config == dict(image_size=28, channels=1, hidden_dims=[16, 32, 64], time_dim=128,
                             num_classes=None, adaptive_norm=True)
     # adaptive norm: the time embedding gives a scale and a shift per channel; without it
     # (checkpoints of the first version) only a shift, added before the norm
-    assert m.downs[0].res.time_proj[1].out_features == 2 * 32
-    old = D.DiffusionModel(adaptive_norm=False)
+    assert m.downs[0].res.time_proj[1].out_features == 2 * 16
+    old = D.DiffusionModel(hidden_dims=(32, 64, 128), adaptive_norm=False)  # the first version
     assert old.downs[0].res.time_proj[1].out_features == 32
     assert sum(p.numel() for p in old.parameters()) == 1_852_737  # the first version's count
     assert isinstance(m.bottleneck.attn, D.SelfAttention)

@@ -224,6 +224,7 @@ def test_bad_checkpoints_are_refused(mnist_dir):
     (["--image-size", "30"], "must be divisible"),
     (["--dataset", "imagenet"], "neither a known data set"),
     (["--p-uncond", "1.5"], "--p-uncond must be in"),
+    (["--t-power", "0"], "--t-power must be in"),
 ])
 def test_impossible_arguments(mnist_dir, extra, message):
     with pytest.raises(SystemExit, match=message):
@@ -256,3 +257,30 @@ def test_cosine_learning_rate_schedule(mnist_dir):
     run(mnist_dir, "--epochs", "1", "--warmup", "1", "--lr", "2e-3", "--lr-schedule", "constant", out="c")
     with open(mnist_dir / "c" / "metrics.csv") as f:
         assert float(list(csv.DictReader(f))[-1]["lr"]) == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 3.0])
+def test_training_timesteps_have_density_proportional_to_t_to_the_power_minus_one(power):
+    torch.manual_seed(0)
+    T, n = 1000, 400_000
+    t = common.training_timesteps(n, T, power, torch.device("cpu"))
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() <= T - 1
+    # P(t < T/2) = (1/2)^power: 1/2 uniform, 1/4 for power 2
+    assert (t < T // 2).float().mean().item() == pytest.approx(0.5 ** power, abs=0.005)
+    # P(a <= t/T < b) = b^power - a^power
+    counts = torch.bincount(t, minlength=T).float()
+    ratio = counts[700:800].sum() / counts[200:300].sum()
+    assert ratio.item() == pytest.approx((0.8 ** power - 0.7 ** power) / (0.3 ** power - 0.2 ** power), rel=0.05)
+    assert counts[T - 1] > 0 and (power > 1 or counts[0] > 0)
+
+
+def test_old_checkpoints_resume_with_uniform_timesteps(mnist_dir):
+    run(mnist_dir, "--max-steps", "2")
+    last = mnist_dir / "out" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["args"]["t_power"] == 2.0  # the MNIST default
+    del ckpt["args"]["t_power"]  # a checkpoint from before --t-power
+    torch.save(ckpt, last)
+    args = train_diffusion.parse_args(["--resume", str(last), "--device", "cpu"])
+    args, _ = common.prepare_args(args, "mnist")
+    assert args.t_power == 1.0
