@@ -522,7 +522,7 @@ def prepare_args(args, kind):
 
 
 def training_timesteps(n, num_timesteps, power, device):
-    """n training timesteps drawn with density p(t) proportional to (t + 1/2)^(power - 1).
+    """n training timesteps drawn with density p(t) about proportional to t^(power - 1).
 
     power = 1 is DDPM's uniform t. power = 2 samples t in proportion to t: three quarters of
     the batch falls in the noisier half of the process. In expectation this is the uniform-t
@@ -717,7 +717,7 @@ def train(args, kind, module, model_config, data, augment=None, ckpt=None):
                     x0 = augment(x0)
                 y = labels[idx].to(device) if labels is not None else None
 
-                # forward / backward: DDPM Alg. 1 on this batch
+                # forward / backward: DDPM Alg. 1 on this batch, t drawn by training_timesteps
                 t = training_timesteps(len(x0), args.timesteps, args.t_power, device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = diffusion.loss(x0, y, p_uncond=args.p_uncond, t=t)
