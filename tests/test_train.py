@@ -284,3 +284,10 @@ def test_old_checkpoints_resume_with_uniform_timesteps(mnist_dir):
     args = train_diffusion.parse_args(["--resume", str(last), "--device", "cpu"])
     args, _ = common.prepare_args(args, "mnist")
     assert args.t_power == 1.0
+
+
+def test_memory_format_is_nchw_only_for_cpu_bf16():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert common.memory_format(cpu, bf16=True) == torch.contiguous_format
+    assert common.memory_format(cpu, bf16=False) == torch.channels_last
+    assert common.memory_format(cuda, bf16=True) == torch.channels_last
