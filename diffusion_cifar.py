@@ -437,9 +437,10 @@ class GaussianDiffusion(nn.Module):
         With prediction="v" the target is v instead of eps: in terms of x0 the loss weight is
         then SNR + 1 rather than SNR (Salimans & Ho 2022, Sec. 4), so the almost pure-noise
         steps, where the rough shape of the image is decided, are no longer weighted by nearly zero.
-        t is uniform over all T steps. For a conditional model, labels are replaced by the
-        null class with probability p_uncond (classifier-free guidance training). t and noise
-        may be fixed by the caller, as the validation loss does.
+        t is uniform over all T steps unless the caller passes it (the validation loss fixes t
+        and noise; the training loop draws t with common.training_timesteps, uniform for CIFAR
+        unless --t-power says otherwise). For a conditional model, labels are replaced by the
+        null class with probability p_uncond (classifier-free guidance).
         """
         B = x0.shape[0]
         if t is None:
