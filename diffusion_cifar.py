@@ -3,7 +3,8 @@
 Read it next to two papers:
   DDPM: Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239
   DDIM: Song, Meng, Ermon 2020, "Denoising Diffusion Implicit Models", arXiv:2010.02502
-and, for the cosine schedule, Nichol & Dhariwal 2021, arXiv:2102.09672.
+and, for the cosine schedule, Nichol & Dhariwal 2021, arXiv:2102.09672; for the
+second-order sampler, Lu et al. 2022, "DPM-Solver++", arXiv:2211.01095.
 
 It has the same public names, section order and process API as diffusion.py (the MNIST
 model); only the U-Net differs. PRESETS["ddpm"] is the DDPM paper's CIFAR-10 network
@@ -15,13 +16,13 @@ Conventions
   (paper t = 1), code t = T - 1 the first (paper t = T).
 - The network predicts the noise eps that was added (DDPM's "epsilon parameterization"),
   or with prediction="v" the velocity v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho
-  2022, "Progressive Distillation", arXiv:2202.00512). train_diffusion_cifar.py keeps eps
-  by default, as the DDPM paper does.
+  2022, "Progressive Distillation", arXiv:2202.00512).
 - Class labels are integers in [0, num_classes); the label -1 means "no class" and selects
   the extra null embedding used by classifier-free guidance.
 
 Sections: 1. time embedding, 2. U-Net blocks, 3. U-Net, 4. EMA, 5. schedules,
-6. the Gaussian diffusion process (forward, posterior, loss, DDPM and DDIM samplers).
+6. the Gaussian diffusion process (forward, posterior, loss, and the DDPM, DDIM and
+DPM-Solver++ samplers).
 """
 
 import math
@@ -343,16 +344,56 @@ def ddim_timesteps(num_timesteps, steps):
     single step goes from t = T-1 straight to x0.
     """
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"DDIM steps must be in [1, {num_timesteps}], got {steps}")
+        raise ValueError(f"sampling steps must be in [1, {num_timesteps}], got {steps}")
     return np.linspace(num_timesteps - 1, 0, steps).round().astype(np.int64).tolist()
 
 
+LAMBDA_MIN = -5.1  # below this log-SNR x_t is noise for every practical purpose (see below)
+
+
+def logsnr_timesteps(alphas_cumprod, steps):
+    """`steps` timesteps from T-1 down to 0, evenly spaced in lambda = log(alpha / sigma), half
+    the log signal-to-noise ratio (the spacing DPM-Solver, Lu et al. 2022, uses for images).
+
+    A solver's error grows with its step h in lambda, not in t, so even steps in lambda spread
+    the error evenly. Even steps in t do not: the cosine schedule's lambda changes fastest near
+    t = 0, where the fine detail is decided, and evenly spaced t take few steps there.
+    The spacing starts at lambda = max(lambda_{T-1}, LAMBDA_MIN). The linear schedule ends at
+    lambda = -5.06, but the cosine schedule's clipped betas make lambda plunge from -5.4 at
+    t = T-4 to -9.9 at t = T-1: a signal under 0.5% of the noise. Spacing down to -9.9 would
+    spend 4 of 10 steps on pure noise, so the first step, from t = T-1, jumps over that stretch.
+    Each lambda is rounded to the nearest trained timestep; where two round to the same t the
+    later one moves down by one, so the timesteps stay distinct.
+    """
+    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    T = len(alphas_cumprod)
+    if not 1 <= steps <= T:
+        raise ValueError(f"sampling steps must be in [1, {T}], got {steps}")
+    lam = 0.5 * np.log(alphas_cumprod / (1 - alphas_cumprod))  # falls as t rises
+    targets = np.linspace(max(lam[-1], LAMBDA_MIN), lam[0], steps)  # noisiest to cleanest
+    seq = np.interp(targets, lam[::-1], np.arange(T)[::-1]).round().astype(np.int64)
+    seq[0] = T - 1  # the first step always starts from pure noise
+    for i in range(1, steps):  # strictly decreasing ...
+        seq[i] = min(seq[i], seq[i - 1] - 1)
+    for i in range(steps - 1, -1, -1):  # ... and never below 0, ending at 0
+        seq[i] = max(seq[i], steps - 1 - i)
+    if steps > 1:
+        seq[-1] = 0
+    return seq.tolist()
+
+
+SPACINGS = {"uniform": lambda alphas_cumprod, steps: ddim_timesteps(len(alphas_cumprod), steps),
+            "logsnr": logsnr_timesteps}
+
+
 class GaussianDiffusion(nn.Module):
-    """DDPM forward process q, its posterior, the training loss, and two samplers.
+    """DDPM forward process q, its posterior, the training loss, and three samplers.
 
     `model` is any callable model(x, t) (or model(x, t, y)) that returns a tensor shaped like x:
     the noise eps (prediction="eps", DDPM) or the velocity v = sqrt(abar) eps - sqrt(1 - abar) x0
     (prediction="v", Salimans & Ho 2022, Sec. 4). Every sampler works with either.
+    Each sampler is one step (ddpm_step, ddim_step, dpm_solver_step) that a shared loop,
+    _sample_loop, runs from pure noise down to the image.
     """
 
     def __init__(self, model, timesteps=1000, schedule="cosine", prediction="eps"):
@@ -370,6 +411,8 @@ class GaussianDiffusion(nn.Module):
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])  # alpha-bar_{t-1}; 1 at t=0
+        # the samplers' per-step scalars are computed in float64 from this copy
+        self.alphas_cumprod_f64 = alphas_cumprod
 
         def buffer(name, value):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
@@ -437,10 +480,9 @@ class GaussianDiffusion(nn.Module):
         With prediction="v" the target is v instead of eps: in terms of x0 the loss weight is
         then SNR + 1 rather than SNR (Salimans & Ho 2022, Sec. 4), so the almost pure-noise
         steps, where the rough shape of the image is decided, are no longer weighted by nearly zero.
-        t is uniform over all T steps unless the caller passes it (the validation loss fixes t
-        and noise; the training loop draws t with common.training_timesteps, uniform for CIFAR
-        unless --t-power says otherwise). For a conditional model, labels are replaced by the
-        null class with probability p_uncond (classifier-free guidance).
+        t is uniform over all T steps unless the caller passes it (a training script may draw
+        it with another density; a validation loss fixes t and noise). For a conditional model,
+        labels are replaced by the null class with probability p_uncond (classifier-free guidance).
         """
         B = x0.shape[0]
         if t is None:
@@ -455,9 +497,9 @@ class GaussianDiffusion(nn.Module):
         pred = self.model(xt, t) if y is None else self.model(xt, t, y)
         return F.mse_loss(pred, target)
 
-    # -- sampling helpers --------------------------------------------------------------------
+    # -- what every sampler asks the network -------------------------------------------------
 
-    def _guided_output(self, xt, t, y, guidance):
+    def guided_output(self, xt, t, y=None, guidance=1.0):
         """The network output at (x_t, t), with classifier-free guidance when y is given and
         guidance != 1.
 
@@ -475,18 +517,24 @@ class GaussianDiffusion(nn.Module):
             torch.cat([y, torch.full_like(y, NULL_CLASS)])).chunk(2)
         return eps_uncond + guidance * (eps_cond - eps_uncond)  # classifier-free guidance
 
-    def _x0_and_eps(self, xt, t, y, guidance, clip_x0):
-        """Predicted x0 and eps at (x_t, t); clipping x0 to [-1, 1] re-derives eps from it."""
-        out = self._guided_output(xt, t, y, guidance)
+    def predict_x0_and_eps(self, xt, t, y=None, guidance=1.0, clip_x0=False):
+        """The denoiser: predicted x0 and eps at (x_t, t), from one network call.
+
+        t is one integer timestep for the whole batch. Clipping x0 to [-1, 1] re-derives eps
+        from the clipped x0, so that the pair stays consistent with x_t (Eq. 4).
+        """
+        out = self.guided_output(xt, t, y, guidance)
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
         if self.prediction == "eps":
-            eps, x0_pred = out, self.predict_x0_from_eps(xt, tt, out)
+            eps, x0_pred = out, self.predict_x0_from_eps(xt, tt, out)  # DDPM Eq. 15
         else:
             x0_pred, eps = self.x0_and_eps_from_v(xt, tt, out)
         if clip_x0:
             x0_pred = x0_pred.clamp(-1, 1)
             eps = self.predict_eps_from_x0(xt, tt, x0_pred)
         return x0_pred, eps
+
+    # -- the loop every sampler shares ------------------------------------------------------
 
     @staticmethod
     def _randn(shape, generator, device):
@@ -495,48 +543,61 @@ class GaussianDiffusion(nn.Module):
         gen_device = generator.device if generator is not None else device
         return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
-    def _initial_noise(self, shape, generator, noise):
-        device = self.betas.device
-        return noise.to(device) if noise is not None else self._randn(shape, generator, device)
+    def _sample_loop(self, shape, seq, step, generator, noise, return_trajectory, progress, desc):
+        """Start from x_T ~ N(0, I) (or the given noise) and apply `step` at each timestep of
+        `seq`, which descends to t = 0. step(x, i) -> (x at the next timestep, predicted x0).
 
-    @staticmethod
-    def _progress(iterable, progress, desc):
-        if not progress:
-            return iterable
-        from tqdm.auto import tqdm
-        return tqdm(iterable, desc=desc, leave=False)
+        Returns images in [-1, 1], and with return_trajectory also a dict of the timesteps, the
+        x_t each step started from, and the predicted x0 at each step (on the CPU).
+        """
+        device = self.betas.device
+        x = noise.to(device) if noise is not None else self._randn(shape, generator, device)
+        traj = {"t": [], "xt": [], "x0_pred": []}
+        steps = range(len(seq))
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc=desc, leave=False)
+        for i in steps:
+            x_next, x0_pred = step(x, i)
+            if return_trajectory:
+                traj["t"].append(seq[i])
+                traj["xt"].append(x.cpu())
+                traj["x0_pred"].append(x0_pred.cpu())
+            x = x_next
+        x = x.clamp(-1, 1)
+        if not return_trajectory:
+            return x
+        return x, {"t": traj["t"], "xt": torch.stack(traj["xt"]), "x0_pred": torch.stack(traj["x0_pred"])}
 
     # -- DDPM ------------------------------------------------------------------------------
+
+    def ddpm_step(self, xt, t, y=None, guidance=1.0, clip_x0=True, variance="posterior",
+                  generator=None):
+        """One ancestral step x_t -> x_{t-1} (DDPM Alg. 2, lines 3-4). Returns (x_{t-1}, x0_pred).
+
+        Alg. 2 writes the mean as 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps); with x0
+        from Eq. 15 that is exactly the posterior mean mu-tilde(x_t, x0) of Eq. 7 (DDPM Eq. 11;
+        checked in tests). The Eq. 7 form lets x0 be clipped to [-1, 1] first, as the DDPM code
+        does. sigma_t^2 is beta-tilde_t (variance="posterior") or beta_t ("beta"), Sec. 3.2.
+        """
+        x0_pred, _ = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0)
+        tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
+        mean, posterior_var = self.q_posterior(x0_pred, xt, tt)  # DDPM Eq. 7 (= Eq. 11)
+        if t == 0:
+            return mean, x0_pred  # DDPM Alg. 2: no noise at the last step
+        var = posterior_var if variance == "posterior" else _extract(self.betas, tt, xt)
+        z = self._randn(xt.shape, generator, xt.device)
+        return mean + var.sqrt() * z, x0_pred  # DDPM Alg. 2, line 4
 
     @torch.no_grad()
     def ddpm_sample(self, shape, y=None, guidance=1.0, generator=None, clip_x0=True,
                     variance="posterior", noise=None, return_trajectory=False, progress=False):
-        """Ancestral sampling, DDPM Alg. 2: T network calls, from t = T-1 down to t = 0.
-
-        x_{t-1} = mu_theta(x_t, t) + sigma_t z, with mu_theta the posterior mean (Eq. 7) at the
-        predicted x0 (equal to Eq. 11 when x0 is not clipped), and sigma_t^2 the posterior
-        variance beta-tilde_t (variance="posterior") or beta_t (variance="beta"), Sec. 3.2.
-        Returns images in [-1, 1], and with return_trajectory also a dict of the x_t and
-        predicted x0 at each step (on the CPU).
-        """
+        """Ancestral sampling, DDPM Alg. 2: T network calls, from t = T-1 down to t = 0."""
         if variance not in ("posterior", "beta"):
             raise ValueError(f"variance must be 'posterior' or 'beta', got {variance!r}")
-        x = self._initial_noise(shape, generator, noise)  # x_T ~ N(0, I)
-        traj = {"t": [], "xt": [], "x0_pred": []}
-        for t in self._progress(range(self.num_timesteps - 1, -1, -1), progress, "DDPM"):
-            x0_pred, _ = self._x0_and_eps(x, t, y, guidance, clip_x0)
-            tt = torch.full((shape[0],), t, device=x.device, dtype=torch.long)
-            mean, posterior_var = self.q_posterior(x0_pred, x, tt)  # DDPM Eq. 7
-            var = posterior_var if variance == "posterior" else _extract(self.betas, tt, x)
-            if return_trajectory:
-                traj["t"].append(t)
-                traj["xt"].append(x.cpu())
-                traj["x0_pred"].append(x0_pred.cpu())
-            if t > 0:
-                x = mean + var.sqrt() * self._randn(x.shape, generator, x.device)  # DDPM Alg. 2, line 4
-            else:
-                x = mean  # DDPM Alg. 2: no noise at the last step
-        return self._finish(x, traj, return_trajectory)
+        seq = list(range(self.num_timesteps - 1, -1, -1))
+        step = lambda x, i: self.ddpm_step(x, seq[i], y, guidance, clip_x0, variance, generator)
+        return self._sample_loop(shape, seq, step, generator, noise, return_trajectory, progress, "DDPM")
 
     # -- DDIM ------------------------------------------------------------------------------
 
@@ -545,34 +606,43 @@ class GaussianDiffusion(nn.Module):
         return eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * \
             math.sqrt(1 - alpha_bar_t / alpha_bar_prev)
 
+    def _alpha_bar(self, t):
+        """alpha-bar at code timestep t in float64; t = -1 means x0 itself, where it is 1."""
+        return float(self.alphas_cumprod_f64[t]) if t >= 0 else 1.0
+
+    def ddim_step(self, xt, t, t_prev, eta=0.0, y=None, guidance=1.0, clip_x0=True, generator=None):
+        """One DDIM step from timestep t to the earlier t_prev (t_prev = -1: to x0).  DDIM Eq. 12.
+
+        x_prev = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma_t^2) eps + sigma_t z.
+        Returns (x_prev, x0_pred).
+        """
+        alpha_bar_t, alpha_bar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
+        x0_pred, eps = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0)
+        sigma_t = self.ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)  # DDIM Eq. 16
+        dir_xt = math.sqrt(max(1 - alpha_bar_prev - sigma_t ** 2, 0.0)) * eps  # "direction pointing to x_t"
+        x_prev = math.sqrt(alpha_bar_prev) * x0_pred + dir_xt  # DDIM Eq. 12
+        if sigma_t > 0:
+            x_prev = x_prev + sigma_t * self._randn(xt.shape, generator, xt.device)  # DDIM Eq. 12, random noise
+        return x_prev, x0_pred
+
     @torch.no_grad()
     def ddim_sample(self, shape, steps=50, eta=0.0, y=None, guidance=1.0, generator=None,
-                    clip_x0=True, noise=None, return_trajectory=False, progress=False):
-        """DDIM sampling, DDIM Eq. 12, over `steps` evenly spaced timesteps (see ddim_timesteps).
+                    clip_x0=True, noise=None, return_trajectory=False, progress=False,
+                    spacing="uniform"):
+        """DDIM sampling over `steps` timesteps (ddim_timesteps, or logsnr_timesteps with
+        spacing="logsnr"), one ddim_step each: exactly `steps` network calls.
 
-        x_prev = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma_t^2) eps + sigma_t z,
-        with sigma_t from eta by Eq. 16: eta = 0 is deterministic, eta = 1 over all T steps is
-        DDPM. Makes exactly `steps` network calls. Returns images in [-1, 1].
+        eta = 0 is deterministic, and is the Euler method for the probability-flow ODE (DDIM
+        Sec. 4.3, Eq. 13-14); eta = 1 over all T steps is DDPM. Returns images in [-1, 1].
         """
-        x = self._initial_noise(shape, generator, noise)
-        seq = ddim_timesteps(self.num_timesteps, steps)
-        abar = self.alphas_cumprod.double().cpu().numpy()
-        traj = {"t": [], "xt": [], "x0_pred": []}
-        for i in self._progress(range(len(seq)), progress, f"DDIM {steps}"):
-            t = seq[i]
-            alpha_bar_t = abar[t]
-            alpha_bar_prev = abar[seq[i + 1]] if i + 1 < len(seq) else 1.0  # x0 after the last
-            x0_pred, eps = self._x0_and_eps(x, t, y, guidance, clip_x0)
-            if return_trajectory:
-                traj["t"].append(t)
-                traj["xt"].append(x.cpu())
-                traj["x0_pred"].append(x0_pred.cpu())
-            sigma_t = self.ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)  # DDIM Eq. 16
-            dir_xt = math.sqrt(max(1 - alpha_bar_prev - sigma_t ** 2, 0.0)) * eps
-            x = math.sqrt(alpha_bar_prev) * x0_pred + dir_xt  # DDIM Eq. 12
-            if sigma_t > 0:
-                x = x + sigma_t * self._randn(x.shape, generator, x.device)  # DDIM Eq. 12, random noise
-        return self._finish(x, traj, return_trajectory)
+        seq = SPACINGS[spacing](self.alphas_cumprod_f64, steps)
+
+        def step(x, i):
+            t_prev = seq[i + 1] if i + 1 < len(seq) else -1  # -1: the last step lands on x0
+            return self.ddim_step(x, seq[i], t_prev, eta, y, guidance, clip_x0, generator)
+
+        return self._sample_loop(shape, seq, step, generator, noise, return_trajectory, progress,
+                                 f"DDIM {steps}")
 
     @torch.no_grad()
     def ddim_invert(self, x0, steps=50, y=None, guidance=1.0, progress=False):
@@ -584,20 +654,74 @@ class GaussianDiffusion(nn.Module):
         Makes exactly `steps` network calls.
         """
         seq = ddim_timesteps(self.num_timesteps, steps)[::-1]  # ascending: 0 ... T-1
-        abar = self.alphas_cumprod.double().cpu().numpy()
+        if progress:
+            from tqdm.auto import tqdm
+            seq = tqdm(seq, desc="DDIM inversion", leave=False)
         x = x0
         alpha_bar_prev = 1.0  # x0 is the "timestep before" the first one
-        for t in self._progress(seq, progress, "DDIM inversion"):
-            alpha_bar_t = abar[t]
-            _, eps = self._x0_and_eps(x, t, y, guidance, clip_x0=False)
+        for t in seq:
+            alpha_bar_t = self._alpha_bar(t)
+            _, eps = self.predict_x0_and_eps(x, t, y, guidance, clip_x0=False)
             x0_pred = (x - math.sqrt(1 - alpha_bar_prev) * eps) / math.sqrt(alpha_bar_prev)
             x = math.sqrt(alpha_bar_t) * x0_pred + math.sqrt(1 - alpha_bar_t) * eps  # Eq. 12, eta = 0
             alpha_bar_prev = alpha_bar_t
         return x
 
-    @staticmethod
-    def _finish(x, traj, return_trajectory):
-        x = x.clamp(-1, 1)
-        if not return_trajectory:
-            return x
-        return x, {"t": traj["t"], "xt": torch.stack(traj["xt"]), "x0_pred": torch.stack(traj["x0_pred"])}
+    # -- DPM-Solver++(2M) -------------------------------------------------------------------
+
+    def dpm_solver_step(self, xt, t, t_prev, y=None, guidance=1.0, clip_x0=True, previous=None):
+        """One DPM-Solver++(2M) step from timestep t to the earlier t_prev (-1: to x0).
+        Lu et al. 2022, "DPM-Solver++", arXiv:2211.01095, Alg. 2.
+
+        With alpha = sqrt(abar), sigma = sqrt(1 - abar) and lambda = log(alpha / sigma), the
+        probability-flow ODE in x0-prediction form has the exact solution
+            x_prev = (sigma_prev / sigma_t) x_t + sigma_prev * integral of e^lambda x0(lambda)
+        over [lambda_t, lambda_prev]. Holding x0 constant over the step gives the first-order
+        update, which is DDIM with eta = 0. The second order instead extrapolates x0 linearly in
+        lambda through the previous step's prediction, `previous` = (t of that step, its x0_pred):
+        no extra network call, so `steps` steps still cost `steps` calls.
+        Returns (x_prev, x0_pred).
+        """
+        alpha_bar_t, alpha_bar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
+        alpha_t, sigma_t = math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t)
+        alpha_prev, sigma_prev = math.sqrt(alpha_bar_prev), math.sqrt(1 - alpha_bar_prev)
+        x0_pred, _ = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0)
+        # e^{-h} with h = lambda_prev - lambda_t, the step in log-SNR; 0 when landing on x0
+        exp_neg_h = (alpha_t * sigma_prev) / (sigma_t * alpha_prev)
+        d = x0_pred  # first order: x0 held constant over the step (Alg. 2, line 4)
+        if previous is not None and t_prev >= 0:
+            t_last, x0_last = previous
+            lam = lambda a: 0.5 * math.log(a / (1 - a))  # lambda from alpha-bar
+            h = lam(alpha_bar_prev) - lam(alpha_bar_t)
+            r = (lam(alpha_bar_t) - lam(self._alpha_bar(t_last))) / h  # r_i = h_{i-1} / h_i
+            d = (1 + 1 / (2 * r)) * x0_pred - 1 / (2 * r) * x0_last  # Alg. 2, line 7: D_i
+        # Alg. 2, lines 4 and 8: x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^{-h} - 1) D
+        x_prev = (sigma_prev / sigma_t) * xt - alpha_prev * (exp_neg_h - 1) * d
+        return x_prev, x0_pred
+
+    @torch.no_grad()
+    def dpm_solver_sample(self, shape, steps=20, y=None, guidance=1.0, generator=None,
+                          clip_x0=True, noise=None, return_trajectory=False, progress=False,
+                          spacing="logsnr"):
+        """DPM-Solver++(2M): a second-order multistep solver of the same ODE that DDIM (eta = 0)
+        solves to first order. Exactly `steps` network calls, one per dpm_solver_step.
+
+        The first step has no previous prediction and is first order (Alg. 2, line 4). So is the
+        last, which lands on x0 (sigma = 0): there h is infinite, r = 0, and the linear
+        extrapolation of x0 would be unbounded; the first-order step returns x0_pred, as DDIM
+        does. The timesteps are evenly spaced in log-SNR by default (logsnr_timesteps): with
+        DDIM's evenly spaced t the second order gains little (README, "Fewer steps").
+        Deterministic given the initial noise. Returns images in [-1, 1].
+        """
+        seq = SPACINGS[spacing](self.alphas_cumprod_f64, steps)
+        history = []  # (t, x0_pred) of the step before: the "multistep" memory
+
+        def step(x, i):
+            t_prev = seq[i + 1] if i + 1 < len(seq) else -1  # -1: the last step lands on x0
+            previous = history[-1] if history else None
+            x_prev, x0_pred = self.dpm_solver_step(x, seq[i], t_prev, y, guidance, clip_x0, previous)
+            history.append((seq[i], x0_pred))
+            return x_prev, x0_pred
+
+        return self._sample_loop(shape, seq, step, generator, noise, return_trajectory, progress,
+                                 f"DPM-Solver++ {steps}")

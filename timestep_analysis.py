@@ -97,7 +97,7 @@ def variational_bound(diffusion, x0, variance="posterior", stride=1, clip_x0=Tru
         return d.posterior_variance[t] if t > 0 else d.posterior_variance[1]
 
     def model_mean(xt, t):
-        x0_pred, _ = d._x0_and_eps(xt, t, None, 1.0, clip_x0)
+        x0_pred, _ = d.predict_x0_and_eps(xt, t, None, 1.0, clip_x0)
         tt = torch.full((B,), t, device=device, dtype=torch.long)
         return d.q_posterior(x0_pred, xt, tt)[0]  # mu_theta, DDPM Eq. 7 at the predicted x0
 
@@ -178,7 +178,7 @@ def loss_per_timestep(diffusion, x0, points, seed):
     losses = []
     for t in ts:
         tt = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
-        _, eps_pred = diffusion._x0_and_eps(diffusion.q_sample(x0, tt, noise), t, None, 1.0, clip_x0=False)
+        _, eps_pred = diffusion.predict_x0_and_eps(diffusion.q_sample(x0, tt, noise), t, None, 1.0, clip_x0=False)
         losses.append((eps_pred - noise).pow(2).mean().item())
     return ts, losses
 

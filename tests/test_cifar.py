@@ -56,6 +56,9 @@ def test_parity_of_the_two_modules(schedule, prediction):
         assert torch.equal(run(a, type(a).ddim_sample, steps=steps, eta=0.5),
                            run(b, type(b).ddim_sample, steps=steps, eta=0.5))
     assert torch.equal(a.ddim_invert(x0, steps=10), b.ddim_invert(x0, steps=10))
+    for steps in (1, 2, 8):
+        assert torch.equal(run(a, type(a).dpm_solver_sample, steps=steps),
+                           run(b, type(b).dpm_solver_sample, steps=steps))
 
 
 def test_modules_have_the_same_public_names_in_the_same_order():

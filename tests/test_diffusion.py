@@ -139,7 +139,7 @@ def test_v_prediction_keeps_x0_defined_in_pure_noise(D):
         xt = d.q_sample(x0, t, noise)
         exact = noise if prediction == "eps" else d.velocity(x0, t, noise)
         d.model = lambda x, tt, y=None: exact + err
-        x0_pred, _ = d._x0_and_eps(xt, 999, None, 1.0, clip_x0=False)
+        x0_pred, _ = d.predict_x0_and_eps(xt, 999, None, 1.0, clip_x0=False)
         errors[prediction] = (x0_pred - x0).abs().max().item()
     assert errors["eps"] > 10 and errors["v"] < 0.05
 
@@ -254,6 +254,115 @@ def test_ddim_inversion_then_sampling_reconstructs(D, prediction):
     assert errors[1000] < errors[100] / 5 < errors[10] / 25
 
 
+# -- DPM-Solver++(2M) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 100, 1000])
+def test_logsnr_timesteps_are_distinct_descend_to_zero_and_even_in_lambda(D, steps):
+    d = make(D)
+    abar = d.alphas_cumprod_f64
+    seq = D.logsnr_timesteps(abar, steps)
+    assert len(seq) == steps and seq[0] == 999 and (steps == 1 or seq[-1] == 0)
+    assert all(a > b for a, b in zip(seq, seq[1:]))
+    if steps == 10:  # away from rounding, the gaps in lambda are equal
+        lam = 0.5 * np.log(abar[seq] / (1 - abar[seq]))
+        gaps = np.diff(lam)
+        assert gaps.min() > 0 and gaps[1:-1].max() / gaps[1:-1].min() < 1.3
+        # evenly spaced t would put one step in the last 10% of t; log-SNR puts several there
+        assert sum(t < 100 for t in seq) >= 3
+    with pytest.raises(ValueError):
+        D.logsnr_timesteps(abar, 0)
+
+
+@pytest.mark.parametrize("steps", [1, 10, 1000])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_dpm_solver_returns_the_one_image_with_exact_denoiser(D, steps, prediction):
+    d = make(D, prediction=prediction)
+    xs = x_star()
+    d.model = net = OneImageDenoiser(d, xs, prediction)
+    out = d.dpm_solver_sample(xs.shape, steps=steps, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, xs, atol=1e-3 if steps > 1 else 1e-2)
+    assert net.calls == steps  # the multistep update reuses the last prediction: no extra calls
+    assert net.ts == D.logsnr_timesteps(d.alphas_cumprod_f64, steps)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_dpm_solver_beats_ddim_on_the_exact_gaussian_ode(D, schedule, prediction):
+    """Data ~ N(0, s^2): x_t / sqrt(abar_t s^2 + 1 - abar_t) is constant along the
+    probability-flow ODE, so x_0 = x_T s / sqrt(abar_T s^2 + 1 - abar_T) exactly."""
+    d = make(D, schedule=schedule, prediction=prediction)
+    s = 0.3
+    d.model = GaussianDenoiser(d, 0.0, s, prediction)
+    xT = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    abar_T = d.alphas_cumprod_f64[-1]
+    exact = xT.double() * s / math.sqrt(abar_T * s ** 2 + 1 - abar_T)
+    inside = exact.abs() < 0.95  # the samplers clamp their output to [-1, 1]
+    errors = {}
+    for steps in (10, 20):
+        ddim = d.ddim_sample(xT.shape, steps=steps, noise=xT, clip_x0=False)
+        dpm = d.dpm_solver_sample(xT.shape, steps=steps, noise=xT, clip_x0=False)
+        uniform = d.dpm_solver_sample(xT.shape, steps=steps, noise=xT, clip_x0=False, spacing="uniform")
+        errors[steps] = [(x.double() - exact)[inside].abs().max().item() for x in (ddim, dpm, uniform)]
+        assert errors[steps][1] <= 0.5 * errors[steps][0], errors
+        # where it evaluates matters as much as its order: on DDIM's evenly spaced t the same
+        # solver is several times worse than on timesteps evenly spaced in log-SNR
+        assert errors[steps][1] < errors[steps][2] / 4, errors
+
+
+def test_dpm_solver_is_deterministic_and_its_first_step_is_ddim(D):
+    d = make(D, timesteps=100)
+    d.model = GaussianDenoiser(d, 0.1, 0.5)
+    a = d.dpm_solver_sample((2, 1, 4, 4), steps=8, generator=torch.Generator().manual_seed(3))
+    b = d.dpm_solver_sample((2, 1, 4, 4), steps=8, generator=torch.Generator().manual_seed(3))
+    c = d.dpm_solver_sample((2, 1, 4, 4), steps=8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # first order (no previous prediction) is DDIM with eta = 0: the same x at the next timestep
+    x = torch.randn(2, 1, 4, 4)
+    x_dpm, _ = d.dpm_solver_step(x, 99, 60, clip_x0=False)
+    x_ddim, _ = d.ddim_step(x, 99, 60, eta=0.0, clip_x0=False)
+    assert torch.allclose(x_dpm, x_ddim, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_dpm_solver_matches_an_independent_implementation_of_algorithm_2(D, prediction):
+    """Lu et al. 2022, Alg. 2, written out here in float64 with the paper's symbols."""
+    d = make(D, timesteps=1000, prediction=prediction)
+    net = lambda x, t, y=None: torch.tanh(1.7 * x + 0.3) * (0.5 + t.float().view(-1, 1, 1, 1) / 2000)
+    d.model = net
+    steps = 6
+    xT = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = d.dpm_solver_sample(xT.shape, steps=steps, noise=xT, clip_x0=False)
+
+    abar = d.alphas_cumprod_f64
+    ts = D.logsnr_timesteps(abar, steps)
+    alpha = [math.sqrt(abar[t]) for t in ts] + [1.0]  # t_M: the data itself, sigma = 0
+    sigma = [math.sqrt(1 - abar[t]) for t in ts] + [0.0]
+
+    def data_prediction(x, i):  # x_theta(x, t_i) from the network's eps or v
+        f = net(x.float(), torch.full((x.shape[0],), ts[i])).double()
+        if prediction == "eps":
+            return (x - sigma[i] * f) / alpha[i]
+        return alpha[i] * x - sigma[i] * f
+
+    lam = [math.log(a / s) for a, s in zip(alpha[:-1], sigma[:-1])]
+    x = xT.double()
+    x0_prev = data_prediction(x, 0)
+    h = lam[1] - lam[0]
+    x = sigma[1] / sigma[0] * x - alpha[1] * (math.exp(-h) - 1) * x0_prev  # line 4
+    for i in range(2, steps + 1):
+        x0_cur = data_prediction(x, i - 1)
+        if i < steps:
+            h_prev, h = h, lam[i] - lam[i - 1]
+            r = h_prev / h
+            D_i = (1 + 1 / (2 * r)) * x0_cur - 1 / (2 * r) * x0_prev  # line 7
+            x = sigma[i] / sigma[i - 1] * x - alpha[i] * (math.exp(-h) - 1) * D_i  # line 8
+        else:  # the final step to sigma = 0 has h = infinity: first order, x = x_theta
+            x = x0_cur
+        x0_prev = x0_cur
+    assert torch.allclose(out.double(), x.clamp(-1, 1), atol=1e-4)
+
+
 def test_trajectory_records_every_step(D):
     d = make(D, timesteps=50)
     xs = x_star()
@@ -288,7 +397,7 @@ def test_classifier_free_guidance_combines_outputs(D):
 
     d.model = model
     y = torch.tensor([2, 5])
-    eps = d._guided_output(torch.zeros(2, 1, 2, 2), 4, y, guidance=2.5)
+    eps = d.guided_output(torch.zeros(2, 1, 2, 2), 4, y, guidance=2.5)
     # eps_uncond + w (eps_cond - eps_uncond) = 1 + 2.5 * (3 - 1) = 6
     assert torch.allclose(eps, torch.full_like(eps, 6.0))
     assert calls == [[2, 5, -1, -1]]  # one batched call with the null class appended
