@@ -84,6 +84,41 @@ def memory_format(device, bf16):
     return torch.contiguous_format if device.type == "cpu" and bf16 else torch.channels_last
 
 
+def check_finite(**values):
+    """Every named number must be finite: NaN or inf in an argument would silently give NaN
+    images or losses. Call as check_finite(eta=args.eta, guidance=args.guidance)."""
+    for name, value in values.items():
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v is not None and not math.isfinite(v):
+                fail(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+
+
+def check_writable_dir(path, what="--out-dir"):
+    """Create `path` (and parents) now, and prove that a file can be written there, so that a
+    bad output folder fails before minutes of work, not after."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        fail(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"cannot write to {what} {path}: {e.strerror or e}")
+    return path
+
+
+def check_writable_file(path, what):
+    """The folder of an output file must exist (it is created) and be writable."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        fail(f"{what} {path} is a folder; give a file name")
+    check_writable_dir(path.parent, f"the folder of {what}")
+
+
 def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -298,7 +333,21 @@ def load_checkpoint(path, kind=None):
         ckpt["args"].setdefault("t_power", 1.0)  # uniform training timesteps
     if ckpt["kind"] == "mnist":
         ckpt["model_config"].setdefault("adaptive_norm", False)
+    check_weights_finite(ckpt, path)
     return ckpt
+
+
+def check_weights_finite(ckpt, path):
+    """NaN or inf weights would sample black images and train on with a NaN loss: refuse them."""
+    ema = ckpt["ema"].get("shadow") if isinstance(ckpt["ema"], dict) else None
+    tensors = {"model": ckpt["model"], "EMA": ema}
+    for part, state in tensors.items():
+        if not isinstance(state, dict):
+            fail(f"{path} is damaged: its {part} weights are not a state dict")
+        for name, v in state.items():
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+                fail(f"{path} holds non-finite (NaN or inf) {part} weights in {name}: the run "
+                     f"that wrote it diverged or the file is damaged; use an earlier checkpoint")
 
 
 def model_from_checkpoint(ckpt, device, use_ema=True):
@@ -329,7 +378,33 @@ def set_rng_state(state):
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Pictures and metrics
+# 4. Sampling by name, pictures and metrics
+
+# The samplers a script can name: ancestral DDPM over all T steps, DDIM over --steps with --eta,
+# and the second-order DPM-Solver++(2M) over --steps (deterministic, like DDIM with eta 0).
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+def sample(diffusion, sampler, shape, steps=50, eta=0.0, y=None, guidance=1.0, generator=None,
+           noise=None, progress=False):
+    """Images in [-1, 1] from the named sampler of a model module's GaussianDiffusion."""
+    kw = dict(y=y, guidance=guidance, generator=generator, noise=noise, progress=progress)
+    if sampler == "ddpm":
+        return diffusion.ddpm_sample(shape, **kw)
+    if sampler == "ddim":
+        return diffusion.ddim_sample(shape, steps=steps, eta=eta, **kw)
+    if sampler == "dpm++":
+        return diffusion.dpm_solver_sample(shape, steps=steps, **kw)
+    raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+
+
+def sampler_label(sampler, steps, eta=0.0):
+    """A short human name: 'DDPM-1000', 'DDIM-50', 'DDIM-50 eta=1', 'DPM-Solver++ 10'."""
+    if sampler == "ddpm":
+        return f"DDPM-{steps}"
+    if sampler == "ddim":
+        return f"DDIM-{steps}" + (f" eta={eta:g}" if eta else "")
+    return f"DPM-Solver++ {steps}"
 
 
 def save_grid(images, path, nrow=8):

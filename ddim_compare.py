@@ -1,11 +1,12 @@
-"""DDPM against DDIM at many step counts, from the same initial noise.
+"""DDPM, DDIM and DPM-Solver++ at many step counts, from the same initial noise.
 
 Example: python ddim_compare.py --checkpoint runs/mnist/best.pt --num-samples 500
 
-For each setting it measures wall time, images/s, FID (through evaluate.py) and the mean pixel
-distance to the DDIM result with all T steps from the same noise, which shows how fast DDIM
-converges to its ODE solution. Writes comparison_grid.png, quality_vs_steps.png,
-time_vs_steps.png, results.csv and results.json under --out-dir.
+For each setting it measures wall time, images/s and FID (through evaluate.py), and on a fixed
+subset of the samples (--distance-samples, the first 64 by default) the mean pixel distance to
+deterministic DDIM with all T steps from the same noise: the ODE solution that DDIM (eta = 0)
+and DPM-Solver++ approach as their steps grow. Writes comparison_grid.png, quality_vs_steps.png
+(with FID), time_vs_steps.png, results.csv and results.json under --out-dir.
 """
 
 import argparse
@@ -26,7 +27,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 200, 1000],
                    help="DDIM step counts")
     p.add_argument("--eta", type=float, nargs="+", default=[0.0], help="DDIM eta values")
+    p.add_argument("--dpm-steps", type=int, nargs="+", default=None,
+                   help="DPM-Solver++(2M) step counts (default: 10 20 50, those up to T)")
     p.add_argument("--no-ddpm", action="store_true", help="skip DDPM over all T steps")
+    p.add_argument("--no-dpm", action="store_true", help="skip DPM-Solver++")
+    p.add_argument("--distance-samples", type=int, default=64,
+                   help="how many of the samples (the first ones) are also drawn with DDIM over all "
+                        "T steps, the reference for the distance column; 0 skips it")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--class", dest="class_id", type=int, default=None,
@@ -43,15 +50,17 @@ def parse_args(argv=None):
 
 
 def settings(args, T):
-    """(sampler, steps, eta) for every row, DDPM first."""
+    """(sampler, steps, eta) for every row: DDPM, then DDIM for each eta, then DPM-Solver++."""
     rows = [] if args.no_ddpm else [("ddpm", T, 1.0)]
     for eta in args.eta:
         rows += [("ddim", s, eta) for s in sorted(set(args.steps))]
+    if not args.no_dpm:
+        rows += [("dpm++", s, 0.0) for s in sorted(set(args.dpm_steps))]
     return rows
 
 
 def name_of(sampler, steps, eta):
-    """ddim_10, ddpm_1000, ddim_10_eta0.5: also the .npz file name."""
+    """ddim_10, ddpm_1000, ddim_10_eta0.5, dpm++_10: also the .npz file name."""
     return f"{sampler}_{steps}" + (f"_eta{eta:g}" if sampler == "ddim" and eta != 0 else "")
 
 
@@ -63,12 +72,7 @@ def draw(diffusion, sampler, steps, eta, noise, y, guidance, batch_size, seed):
     for i in range(0, len(noise), batch_size):
         xT = noise[i:i + batch_size]
         yb = y[i:i + batch_size] if y is not None else None
-        if sampler == "ddpm":
-            x = diffusion.ddpm_sample(xT.shape, y=yb, guidance=guidance, generator=g, noise=xT)
-        else:
-            x = diffusion.ddim_sample(xT.shape, steps=steps, eta=eta, y=yb, guidance=guidance,
-                                      generator=g, noise=xT)
-        out.append(x.cpu())
+        out.append(common.sample(diffusion, sampler, xT.shape, steps, eta, yb, guidance, g, noise=xT).cpu())
     return torch.cat(out)
 
 
@@ -80,6 +84,9 @@ def plot_vs_steps(results, key, ylabel, path, title):
                and r[key] is not None]
         if pts:
             ax.plot(*zip(*pts), "o-", label=f"DDIM eta={eta:g}")
+    pts = [(r["steps"], r[key]) for r in results if r["sampler"] == "dpm++" and r[key] is not None]
+    if pts:
+        ax.plot(*zip(*pts), "^-", color="C3", label="DPM-Solver++(2M)")
     for r in results:
         if r["sampler"] == "ddpm" and r[key] is not None:
             ax.axhline(r[key], color="k", ls="--", label=f"DDPM, {r['steps']} steps")
@@ -102,10 +109,17 @@ def main(args):
     model.to(memory_format=torch.channels_last)
     T = diffusion.num_timesteps
     cfg = ckpt["model_config"]
-    if any(not 1 <= s <= T for s in args.steps):
-        common.fail(f"every --steps value must be in [1, {T}] for this checkpoint, got {args.steps}")
+    if args.dpm_steps is None:
+        args.dpm_steps = [s for s in (10, 20, 50) if s <= T]
+    for name in ("steps", "dpm_steps"):
+        if any(not 1 <= s <= T for s in getattr(args, name)):
+            common.fail(f"every --{name.replace('_', '-')} value must be in [1, {T}] for this "
+                        f"checkpoint, got {getattr(args, name)}")
     if args.num_samples < 2 or args.batch_size < 1:
         common.fail("--num-samples must be at least 2 and --batch-size at least 1")
+    if args.distance_samples < 0:
+        common.fail(f"--distance-samples must be >= 0, got {args.distance_samples}")
+    common.check_finite(eta=args.eta, guidance=args.guidance)
     if any(e < 0 for e in args.eta):
         common.fail("--eta values must be >= 0")
     num_classes = cfg.get("num_classes")
@@ -120,8 +134,7 @@ def main(args):
         args.classifier = str(args.classifier or evaluate.default_classifier_path(dataset))
         evaluate.load_classifier(args.classifier, dataset, device)
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = common.check_writable_dir(args.out_dir)  # before the sampling, not after
     shape = (args.num_samples, cfg["channels"], cfg["image_size"], cfg["image_size"])
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
     y = None
@@ -138,6 +151,7 @@ def main(args):
         return x, time.perf_counter() - start
 
     samples = {}  # setting name -> images in [-1, 1]
+    n_ref = min(args.distance_samples, args.num_samples)
     reference = None
     results, grid_rows, grid_labels = [], [], []
     for sampler, steps, eta in settings(args, T):
@@ -146,7 +160,7 @@ def main(args):
         x, seconds = run(sampler, steps, eta)
         samples[name] = x
         if sampler == "ddim" and steps == T and eta == 0:
-            reference = x
+            reference = x[:n_ref]
         images = common.to_uint8(x).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
         fid = None
         if not args.no_fid:
@@ -158,17 +172,26 @@ def main(args):
                         "eta": eta if sampler == "ddim" else None, "seconds": seconds,
                         "images_per_s": args.num_samples / seconds, "fid": fid})
         grid_rows.append(x[:8])
-        grid_labels.append(name.replace("_", " "))
-    if reference is None:  # deterministic DDIM over all T steps: the limit fewer steps approach
-        print(f"ddim_{T} (reference for the distance column): sampling ...")
-        reference, _ = run("ddim", T, 0.0)
+        grid_labels.append(f"{common.sampler_label(sampler, steps, eta)}\n{seconds:.1f} s")
+    if n_ref and reference is None:  # deterministic DDIM over all T steps: the ODE's solution
+        print(f"ddim_{T} on the first {n_ref} samples (reference for the distance column) ...")
+        start = time.perf_counter()
+        reference = draw(diffusion, "ddim", T, 0.0, noise[:n_ref], y[:n_ref] if y is not None else None,
+                         guidance, args.batch_size, args.seed)
+        print(f"  took {time.perf_counter() - start:.1f} s")
     for r in results:
-        # mean absolute pixel difference, in units of the [0, 1] pixel range
-        r["distance_to_ddim_T"] = float((samples[r["setting"]] - reference).abs().mean() / 2)
+        # mean absolute pixel difference on the reference subset, in units of the [0, 1] range
+        r["distance_to_ddim_T"] = (float((samples[r["setting"]][:n_ref] - reference).abs().mean() / 2)
+                                   if n_ref else None)
 
-    common.image_rows_figure(grid_rows, grid_labels, out_dir / "comparison_grid.png")
-    plot_vs_steps(results, "fid", "FID (lower is better)", out_dir / "quality_vs_steps.png",
-                  "Sample quality against sampling steps")
+    common.image_rows_figure(
+        grid_rows, grid_labels, out_dir / "comparison_grid.png",
+        f"The same initial noise in every row, {device.type} seconds for {args.num_samples} images. "
+        f"DDIM (eta 0) and DPM-Solver++ solve one ODE\nand converge to the same images; DDPM and "
+        f"DDIM with eta > 0 add fresh noise at every step, so their images differ.")
+    if not args.no_fid:
+        plot_vs_steps(results, "fid", "FID (lower is better)", out_dir / "quality_vs_steps.png",
+                      "Sample quality against sampling steps")
     plot_vs_steps(results, "seconds", f"seconds for {args.num_samples} images",
                   out_dir / "time_vs_steps.png", f"Wall time on {device.type}")
     with open(out_dir / "results.csv", "w", newline="") as f:
@@ -177,14 +200,19 @@ def main(args):
         w.writerows(results)
     (out_dir / "results.json").write_text(json.dumps(
         {"checkpoint": str(args.checkpoint), "num_samples": args.num_samples, "device": str(device),
-         "guidance": guidance if num_classes else None, "results": results}, indent=2))
+         "guidance": guidance if num_classes else None, "distance_samples": n_ref,
+         "results": results}, indent=2))
 
-    print(f"\n{'setting':<18} {'seconds':>9} {'img/s':>9} {'FID':>9} {'dist to DDIM-' + str(T):>18}")
+    dist_head = f"dist to DDIM-{T} ({n_ref})" if n_ref else "dist (skipped)"
+    print(f"\n{'setting':<18} {'seconds':>9} {'img/s':>9} {'FID':>9} {dist_head:>24}")
     for r in results:
         fid = f"{r['fid']:.3f}" if r["fid"] is not None else "-"
-        print(f"{r['setting']:<18} {r['seconds']:>9.2f} {r['images_per_s']:>9.1f} {fid:>9} "
-              f"{r['distance_to_ddim_T']:>18.4f}")
-    print(f"wrote {out_dir}/comparison_grid.png, quality_vs_steps.png, time_vs_steps.png, results.csv, results.json")
+        dist = f"{r['distance_to_ddim_T']:.4f}" if r["distance_to_ddim_T"] is not None else "-"
+        print(f"{r['setting']:<18} {r['seconds']:>9.2f} {r['images_per_s']:>9.1f} {fid:>9} {dist:>24}")
+    if n_ref:
+        print(f"distance: mean |x - x_ddim{T}| / 2 over the first {n_ref} samples, from the same noise")
+    plots = "comparison_grid.png, " + ("" if args.no_fid else "quality_vs_steps.png, ")
+    print(f"wrote {out_dir}/{plots}time_vs_steps.png, results.csv, results.json")
     return results
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -248,18 +249,14 @@ def sample_from_checkpoint(ckpt, num_samples, sampler, steps, batch_size, device
     guidance = ckpt["args"].get("guidance", 1.0) if guidance is None else guidance
     g = torch.Generator().manual_seed(seed)
     images, labels = [], []
-    for i in tqdm(range(0, num_samples, batch_size), desc=f"sampling {sampler}"):
+    for i in tqdm(range(0, num_samples, batch_size), desc=f"sampling {common.sampler_label(sampler, steps, eta)}"):
         n = min(batch_size, num_samples - i)
         y = None
         if num_classes:
             y = (torch.full((n,), class_id) if class_id is not None
                  else torch.arange(i, i + n) % num_classes).to(device)
             labels.append(y.cpu())
-        if sampler == "ddpm":
-            x = diffusion.ddpm_sample((n, *shape), y=y, guidance=guidance, generator=g)
-        else:
-            x = diffusion.ddim_sample((n, *shape), steps=steps, eta=eta, y=y, guidance=guidance,
-                                      generator=g)
+        x = common.sample(diffusion, sampler, (n, *shape), steps, eta, y, guidance, generator=g)
         images.append(common.to_uint8(x).permute(0, 2, 3, 1).cpu())
     labels = torch.cat(labels).numpy() if labels else None
     return torch.cat(images).numpy(), labels
@@ -366,9 +363,12 @@ def parse_args(argv=None):
                    help="what the samples imitate (default: from the checkpoint, else mnist)")
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--classifier", default=None, help="default runs/classifiers/<dataset>.pt")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--sampler", choices=common.SAMPLERS, default="ddim",
+                   help="ddpm: all T steps; ddim: --steps with --eta; dpm++: DPM-Solver++(2M), "
+                        "--steps (10 to 20 match DDIM-50)")
+    p.add_argument("--steps", type=int, default=50, help="steps for ddim and dpm++")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM noise: 0 deterministic, 1 as much as DDPM (ddim only)")
     p.add_argument("--guidance", type=float, default=None, help="default: the training setting")
     p.add_argument("--num-samples", type=int, default=None,
                    help="samples to draw (default 50000 for CIFAR-10, 10000 otherwise)")
@@ -390,33 +390,52 @@ def main(args):
         return train_classifier(args)
     device = common.pick_device(args.device)
     requested = None
+    # every check before the work: a missing classifier or a bad output path must not cost
+    # minutes of sampling first
+    common.check_finite(eta=args.eta, guidance=args.guidance)
+    if args.eta < 0:
+        common.fail(f"--eta must be >= 0, got {args.eta}")
+    for path, what in ((args.json, "--json"), (args.save_npz, "--save-npz")):
+        common.check_writable_file(path, what)
+    if args.out_dir:
+        common.check_writable_dir(args.out_dir)
     if args.checkpoint:
         ckpt = common.load_checkpoint(args.checkpoint)
         dataset = args.dataset or ckpt["args"].get("dataset", "mnist")
         if dataset not in SHAPES:
             common.fail(f"the checkpoint was trained on {dataset!r}; pass --dataset to say which "
                         f"reference to compare with ({', '.join(sorted(SHAPES))})")
-        n = args.num_samples or (50000 if dataset == "cifar10" else 10000)
+        cfg = ckpt["model_config"]
+        made = (cfg["image_size"], cfg["image_size"], cfg["channels"])
+        if made != SHAPES[dataset]:
+            common.fail(f"the checkpoint makes {' x '.join(map(str, made))} images, but {dataset} "
+                        f"images are {' x '.join(map(str, SHAPES[dataset]))}; pass the right --dataset")
+        n = args.num_samples if args.num_samples is not None else (50000 if dataset == "cifar10" else 10000)
         if n < 2 or args.batch_size < 1:
             common.fail("--num-samples must be at least 2 and --batch-size at least 1")
         if not 1 <= args.steps <= ckpt["diffusion"]["timesteps"]:
             common.fail(f"--steps must be in [1, {ckpt['diffusion']['timesteps']}]")
+        if dataset != "cifar10":
+            load_classifier(args.classifier or default_classifier_path(dataset), dataset, device)
+        start = time.perf_counter()
         images, requested = sample_from_checkpoint(ckpt, n, args.sampler, args.steps,
                                                    args.batch_size, device, args.seed,
                                                    args.guidance, args.eta)
+        sampling = {"sampler": common.sampler_label(args.sampler, args.steps, args.eta),
+                    "sampling_seconds": time.perf_counter() - start}
         if args.save_npz:
             save_npz(images, args.save_npz)
         source = args.checkpoint
     else:
         dataset = args.dataset or "mnist"
-        source = args.samples
+        source, sampling = args.samples, {}
         if Path(source).is_dir():
             images = load_png_folder(source, SHAPES[dataset][2])
         else:
             images = load_npz(source)
     images = check_samples(images, dataset, source)
     report = evaluate_images(images, dataset, args, device, requested)
-    report["source"] = str(source)
+    report.update(sampling, source=str(source))
     print_report(report)
     for path in ([args.json] if args.json else []) + \
             ([Path(args.out_dir) / "report.json"] if args.out_dir else []):

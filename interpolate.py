@@ -39,7 +39,11 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--mode", choices=["noise", "images", "classes", "all"], default="all")
     p.add_argument("--frames", type=int, default=9, help="points along each path, ends included")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps for decoding and inversion")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps for decoding and inversion")
+    p.add_argument("--sampler", choices=["ddim", "dpm++"], default="ddim",
+                   help="the deterministic decoder of modes noise and classes: DDIM (eta 0) or "
+                        "DPM-Solver++ (try --steps 15); mode images always uses DDIM, whose "
+                        "inversion it retraces")
     p.add_argument("--seeds", type=int, nargs=2, default=None, help="the two noise seeds (mode noise)")
     p.add_argument("--indices", type=int, nargs=2, default=[0, 1],
                    help="which test images to join (mode images)")
@@ -61,8 +65,9 @@ def save_gif(frames, path, scale=4, ms=120):
     seq[0].save(path, save_all=True, append_images=seq[1:], duration=ms, loop=0)
 
 
-def decode(diffusion, xT, steps, y=None, guidance=1.0):
-    return diffusion.ddim_sample(xT.shape, steps=steps, eta=0.0, noise=xT, y=y, guidance=guidance)
+def decode(diffusion, xT, sampler, steps, y=None, guidance=1.0):
+    """x_T -> image with a deterministic sampler: the same x_T always gives the same image."""
+    return common.sample(diffusion, sampler, xT.shape, steps, 0.0, y, guidance, noise=xT)
 
 
 def noise_mode(args, diffusion, shape, device, out_dir, y, guidance):
@@ -72,7 +77,7 @@ def noise_mode(args, diffusion, shape, device, out_dir, y, guidance):
     paths = {"slerp": torch.cat([slerp(a, b, w) for w in ws]),
              "lerp": torch.cat([lerp(a, b, w) for w in ws])}
     yy = y.repeat(len(ws)) if y is not None else None
-    decoded = {k: decode(diffusion, v, args.steps, yy, guidance) for k, v in paths.items()}
+    decoded = {k: decode(diffusion, v, args.sampler, args.steps, yy, guidance) for k, v in paths.items()}
     expected = math.sqrt(a.numel())  # E||x_T|| for x_T ~ N(0, I) is about sqrt(D)
     norms = {k: (v.flatten(1).norm(dim=1) / expected).cpu().numpy() for k, v in paths.items()}
 
@@ -87,7 +92,8 @@ def noise_mode(args, diffusion, shape, device, out_dir, y, guidance):
 
     common.image_rows_figure([decoded["slerp"], decoded["lerp"]], ["slerp", "linear"],
                              out_dir / "noise_interpolation.png",
-           f"Between noise seeds {seeds[0]} and {seeds[1]}, decoded with DDIM-{args.steps}", norm_plot)
+           f"Between noise seeds {seeds[0]} and {seeds[1]}, decoded with "
+           f"{common.sampler_label(args.sampler, args.steps)}", norm_plot)
     save_gif(decoded["slerp"], out_dir / "noise_interpolation.gif")
     mid = len(ws) // 2
     return {"seeds": seeds, "midpoint_norm_slerp": float(norms["slerp"][mid]),
@@ -147,7 +153,7 @@ def classes_mode(args, diffusion, module, ckpt, shape, device, out_dir, guidance
     blend = module.GaussianDiffusion(blended, diffusion.num_timesteps, diffusion.schedule,
                                      diffusion.prediction).to(device)
     frame = torch.arange(n, device=device)
-    decoded = blend.ddim_sample(xT.shape, steps=args.steps, noise=xT, y=frame, guidance=guidance)
+    decoded = decode(blend, xT, args.sampler, args.steps, frame, guidance)
     common.image_rows_figure([decoded], [f"{c_a} -> {c_b}"], out_dir / "class_interpolation.png",
            f"Fixed noise, eps blended from class {c_a} to class {c_b} (guidance {guidance:g})")
     save_gif(decoded, out_dir / "class_interpolation.gif")

@@ -37,10 +37,12 @@ def test_ddim_compare_writes_everything(setup, tmp_path):
     out = tmp_path / "cmp"
     results = ddim_compare.main(ddim_compare.parse_args(
         ["--checkpoint", str(root / "u" / "last.pt"), "--steps", "2", "5", "20", "--eta", "0", "0.5",
+         "--dpm-steps", "2", "5", "20",
          "--num-samples", "12", "--batch-size", "5", "--classifier", str(root / "clf.pt"),
          "--save-npz", "--device", "cpu", "--out-dir", str(out), "--data-dir", str(root / "data")]))
     names = [r["setting"] for r in results]
-    assert names == ["ddpm_20", "ddim_2", "ddim_5", "ddim_20", "ddim_2_eta0.5", "ddim_5_eta0.5", "ddim_20_eta0.5"]
+    assert names == ["ddpm_20", "ddim_2", "ddim_5", "ddim_20", "ddim_2_eta0.5", "ddim_5_eta0.5", "ddim_20_eta0.5",
+                     "dpm++_2", "dpm++_5", "dpm++_20"]
     by = {r["setting"]: r for r in results}
     assert by["ddim_20"]["distance_to_ddim_T"] == 0.0  # it is the reference
     assert by["ddim_2"]["distance_to_ddim_T"] > 0
@@ -50,7 +52,9 @@ def test_ddim_compare_writes_everything(setup, tmp_path):
         assert (out / f).is_file(), f
     with np.load(out / "ddim_2.npz") as z:
         assert z["arr_0"].shape == (12, 28, 28, 1) and z["arr_0"].dtype == np.uint8
-    assert len(json.loads((out / "results.json").read_text())["results"]) == 7
+    assert len(json.loads((out / "results.json").read_text())["results"]) == 10
+    # DPM-Solver++ over all T = 20 steps is close to the ODE solution that DDIM-20 gives
+    assert by["dpm++_20"]["distance_to_ddim_T"] < by["dpm++_2"]["distance_to_ddim_T"]
 
 
 def test_ddim_compare_same_noise_gives_the_same_ddim_samples(setup, tmp_path):
