@@ -100,11 +100,11 @@ def models(args):
 
 def bench_training(name, module, config, schedule, batch, device, args):
     amp = args.amp == "bf16"
-    layout = common.memory_format(device, amp)  # as common.train
+    layout = common.memory_format(device, amp)  # as training.Trainer
     model = module.DiffusionModel(**config).to(device, memory_format=layout)
     diff = module.GaussianDiffusion(model, 1000, schedule).to(device)
     ema = module.EMA(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")  # as common.train
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")  # as training.Trainer
     shape = (batch, config["channels"], config["image_size"], config["image_size"])
     x0 = torch.randn(shape, device=device).contiguous(memory_format=layout)
     if args.compile:

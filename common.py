@@ -1,29 +1,26 @@
-"""What the scripts share: device choice, data sets, checkpoints, pictures, and the training loop.
+"""What the scripts share: devices, argument checks, data sets, checkpoints, samplers by name,
+pictures and metrics.
 
 The model modules (diffusion.py, diffusion_cifar.py) do not import this file; the scripts do.
-Sections: 1. errors and devices, 2. data sets, 3. checkpoints, 4. pictures and metrics,
-5. the training loop shared by train_diffusion.py and train_diffusion_cifar.py.
+Sections: 1. errors, checks and devices, 2. data sets, 3. checkpoints, 4. sampling by name,
+pictures and metrics. The training loop is in training.py.
 """
 
-import copy
 import csv
 import gzip
 import math
 import os
 import pickle
-import signal
 import struct
 import sys
-import time
 from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 # ----------------------------------------------------------------------------------------
-# 1. Errors and devices
+# 1. Errors, argument checks and devices
 
 
 def fail(message):
@@ -101,7 +98,7 @@ def check_writable_dir(path, what="--out-dir"):
         fail(f"{what} {path} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test_{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -128,7 +125,6 @@ def seed_everything(seed):
 # 2. Data sets: uint8 tensors (N, C, H, W) in memory, plus labels or None
 
 Dataset = namedtuple("Dataset", "images labels num_classes name")
-TrainResult = namedtuple("TrainResult", "state model ema")
 
 # torchvision's folder layout: <data-dir>/<folder>/raw/<prefix>-images-idx3-ubyte[.gz]
 IDX_SETS = {"mnist": ("MNIST", "MNIST"), "fashion-mnist": ("FashionMNIST", "FashionMNIST")}
@@ -455,7 +451,7 @@ def image_rows_figure(rows, labels, path, title=None, extra=None):
     plt.close(fig)
 
 
-def plot_loss_curve(rows, path):
+def plot_loss_curve(rows, path, prediction="eps"):
     """Train and validation loss per epoch, from the metrics.csv rows."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -463,7 +459,7 @@ def plot_loss_curve(rows, path):
     ax.plot(steps, [r["train_loss"] for r in rows], "o-", label="train")
     ax.plot(steps, [r["val_loss"] for r in rows], "s-", label="validation (fixed t, noise)")
     ax.set_xlabel("step")
-    ax.set_ylabel("noise MSE")
+    ax.set_ylabel(f"MSE of the predicted {'noise eps' if prediction == 'eps' else 'velocity v'}")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -476,10 +472,17 @@ METRIC_FIELDS = ["epoch", "step", "train_loss", "val_loss", "lr", "images_per_s"
 
 
 def read_metrics(path):
+    """The rows of a metrics.csv as dicts of floats; a damaged file is a clear error."""
     if not Path(path).is_file():
         return []
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    try:
+        with open(path, newline="") as f:
+            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        if rows and set(rows[0]) != set(METRIC_FIELDS):
+            raise ValueError(f"columns {sorted(rows[0])}")
+        return rows
+    except (ValueError, TypeError, OSError, csv.Error) as e:
+        fail(f"{path} is damaged ({e}); move it away to resume with fresh metrics")
 
 
 def write_metrics(rows, path):
@@ -490,378 +493,3 @@ def write_metrics(rows, path):
         for r in rows:
             w.writerow({k: (int(r[k]) if k == "step" else r[k]) for k in METRIC_FIELDS})
     os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------
-# 5. The training loop, shared by train_diffusion.py and train_diffusion_cifar.py
-
-# Arguments that a resumed run takes from the command line; all others come from the checkpoint.
-RESUME_OVERRIDES = {"epochs", "max_steps", "max_minutes", "patience", "min_delta", "device",
-                    "out_dir", "resume", "compile", "amp", "data_dir"}
-
-
-def add_training_args(p):
-    """The options both training scripts share. Each script sets its own defaults."""
-    a = p.add_argument
-    a("--data-dir", default="./data", help="where data sets are found or downloaded")
-    a("--val-size", type=int, default=1000, help="held-out images for the validation loss")
-    a("--epochs", type=int, default=100, help="most epochs to train")
-    a("--max-steps", type=int, default=None, help="most optimizer steps to train")
-    a("--max-minutes", type=float, default=None, help="wall-clock budget for training, minutes")
-    a("--batch-size", type=int, default=128)
-    a("--lr", type=float, default=2e-4, help="peak learning rate")
-    a("--weight-decay", type=float, default=0.0)
-    a("--warmup", type=int, default=500, help="linear learning-rate warmup, in steps")
-    a("--lr-schedule", choices=["constant", "cosine"], default="constant",
-      help="after warmup: constant, or cosine decay to 0 over --epochs or --max-minutes, "
-           "whichever runs out first")
-    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-    a("--ema-decay", type=float, default=0.9999, help="EMA decay, reached after a warmup")
-    a("--schedule", choices=["linear", "cosine"], default="linear")
-    a("--prediction", choices=["eps", "v"], default="eps",
-      help="what the network outputs: the noise eps (DDPM) or the velocity v (Salimans & Ho)")
-    a("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
-    a("--t-power", type=float, default=1.0,
-      help="training timesteps t have density proportional to t^(power - 1): 1 is uniform, "
-           "2 trains the noisier steps more")
-    a("--class-cond", action="store_true", help="train a class-conditional model")
-    a("--p-uncond", type=float, default=0.1, help="label dropout for classifier-free guidance")
-    a("--guidance", type=float, default=2.0, help="classifier-free guidance scale for samples")
-    a("--patience", type=int, default=5, help="epochs without improvement before stopping")
-    a("--min-delta", type=float, default=1e-4, help="smallest validation-loss drop that counts")
-    a("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids")
-    a("--compile", action="store_true", help="torch.compile the network (slow start, faster steps)")
-    a("--amp", choices=["auto", "none", "bf16"], default="auto",
-      help="bfloat16 autocast for training steps; auto: on where the hardware has fast bf16")
-    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    a("--seed", type=int, default=0)
-    a("--resume", default=None, help="continue from this last.pt (or best.pt)")
-
-
-def check_training_args(args):
-    """Impossible arguments get a clear message instead of a failure deep inside torch."""
-    positive = ["batch_size", "epochs", "timesteps", "sample_steps"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        fail(f"--max-steps must be at least 1, got {args.max_steps}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        fail(f"--max-minutes must be positive, got {args.max_minutes}")
-    if not args.lr > 0 or not math.isfinite(args.lr):
-        fail(f"--lr must be a positive number, got {args.lr}")
-    if not 0 <= args.p_uncond < 1:
-        fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
-    if not 0 <= args.ema_decay < 1:
-        fail(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.sample_steps > args.timesteps:
-        fail(f"--sample-steps ({args.sample_steps}) cannot exceed --timesteps ({args.timesteps})")
-    if not 0 < args.t_power <= 10:
-        fail(f"--t-power must be in (0, 10], got {args.t_power}")
-    if args.warmup < 0 or args.patience < 1 or args.grad_clip <= 0:
-        fail("--warmup must be >= 0, --patience >= 1 and --grad-clip > 0")
-
-
-def setup_distributed(device_name):
-    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, pick_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def plain(args):
-    """argparse.Namespace -> a dict of plain values, storable with weights_only=True."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
-def prepare_args(args, kind):
-    """Check the arguments; with --resume, take the checkpoint's training arguments, keeping
-    budgets and placement from the command line. Returns (args, checkpoint or None)."""
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, kind)
-        # options newer than the checkpoint keep their defaults; the process (timesteps,
-        # schedule, prediction) is always the one the checkpoint's network was trained with
-        merged = {**vars(args), **ckpt["args"], **ckpt["diffusion"]}
-        merged.update({k: v for k, v in vars(args).items() if k in RESUME_OVERRIDES})
-        args = type(args)(**merged)
-    check_training_args(args)
-    return args, ckpt
-
-
-def training_timesteps(n, num_timesteps, power, device):
-    """n training timesteps drawn with density p(t) about proportional to t^(power - 1).
-
-    power = 1 is DDPM's uniform t. power = 2 samples t in proportion to t: three quarters of
-    the batch falls in the noisier half of the process. In expectation this is the uniform-t
-    loss weighted by T p(t); the best prediction at each t is unchanged.
-    """
-    u = torch.rand(n, device=device)
-    return (num_timesteps * u ** (1.0 / power)).long().clamp_(max=num_timesteps - 1)
-
-
-def train(args, kind, module, model_config, data, augment=None, ckpt=None):
-    """Train `module`.DiffusionModel(**model_config) on `data`; write checkpoints and pictures.
-
-    kind: 'mnist' or 'cifar', stored in the checkpoint. augment: optional function applied to
-    each float batch x -> x, such as random flips. ckpt: a checkpoint to resume from (see
-    prepare_args). Returns TrainResult(state, model, ema): the counters, the trained network
-    and its EMA.
-    """
-    rank, world, device = setup_distributed(args.device)
-    configure_backends(device)
-    main_proc = rank == 0
-    out_dir = Path(args.out_dir)
-    if main_proc:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    # -- the model, its process, EMA and optimizer (same initial weights on every rank)
-    torch.manual_seed(args.seed)
-    bf16 = use_bf16(args.amp, device)
-    layout = memory_format(device, bf16)
-    model = module.DiffusionModel(**model_config).to(device, memory_format=layout)
-    ema = module.EMA(model, args.ema_decay)
-    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-    sampler_diffusion = module.GaussianDiffusion(ema_model, args.timesteps, args.schedule,
-                                                 args.prediction).to(device)
-    # the fused (single-kernel) AdamW on CUDA; the foreach one elsewhere
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
-    n_params = sum(p.numel() for p in model.parameters())
-
-    state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "loss_sum": 0.0, "loss_count": 0,
-             "best_val": math.inf, "bad_epochs": 0}
-    rows = []
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        state.update(ckpt["state"])
-        rng = ckpt["rng"][rank] if len(ckpt["rng"]) == world else None
-        if rng is not None:
-            set_rng_state(rng)
-        else:
-            torch.manual_seed(args.seed + rank + 1000 * state["step"])
-        rows = [r for r in read_metrics(out_dir / "metrics.csv") if r["step"] <= state["step"]]
-        if main_proc:
-            print(f"resumed from {args.resume} at epoch {state['epoch']}, step {state['step']}")
-    else:
-        torch.manual_seed(args.seed + rank)  # a different noise stream on each rank
-
-    train_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-    diffusion = module.GaussianDiffusion(train_model, args.timesteps, args.schedule, args.prediction).to(device)
-
-    # -- data: in memory; a DistributedSampler deals each epoch's shuffled indices to the ranks
-    train_idx, val_idx = split_train_val(len(data.images), args.val_size)
-    labels = data.labels if args.class_cond else None
-    if args.class_cond and labels is None:
-        fail("--class-cond needs labels, and this data set has none (an image folder needs "
-             "one sub-folder per class)")
-    from torch.utils.data.distributed import DistributedSampler
-    sampler = DistributedSampler(range(len(train_idx)), num_replicas=world, rank=rank,
-                                 shuffle=True, seed=args.seed, drop_last=True)
-    batches_per_epoch = len(sampler) // args.batch_size
-    if batches_per_epoch == 0:
-        fail(f"{len(train_idx)} training images cannot fill one batch of {args.batch_size} "
-             f"per process; lower --batch-size or --val-size")
-
-    # the whole data set sits on the GPU (MNIST 47 MB, CIFAR-10 150 MB as uint8)
-    images = data.images.to(device) if device.type == "cuda" else data.images
-
-    # -- fixed validation timesteps and noise, and fixed sample noise: the same every epoch
-    g = torch.Generator().manual_seed(1234)
-    val_x0 = to_model_range(data.images[val_idx])
-    val_t = torch.randint(0, args.timesteps, (len(val_idx),), generator=g)
-    val_noise = torch.randn(val_x0.shape, generator=g)
-    val_y = labels[val_idx] if labels is not None else None
-    if labels is not None:
-        sample_y = torch.arange(data.num_classes).repeat_interleave(8).to(device)  # a row per class
-    else:
-        sample_y = None
-    n_samples = len(sample_y) if sample_y is not None else 64
-    sample_noise = torch.randn((n_samples, *data.images.shape[1:]), generator=g)
-
-    def sample_grid(path):
-        ema.copy_to(ema_model)
-        x = sampler_diffusion.ddim_sample(sample_noise.shape, steps=args.sample_steps,
-                                          noise=sample_noise, y=sample_y, guidance=args.guidance)
-        save_grid(x, path, nrow=8)
-
-    @torch.no_grad()
-    def validation_loss():
-        ema.copy_to(ema_model)
-        total = 0.0
-        for i in range(0, len(val_idx), 256):
-            sl = slice(i, i + 256)
-            x0 = val_x0[sl].to(device).contiguous(memory_format=layout)
-            y = val_y[sl].to(device) if val_y is not None else None
-            total += sampler_diffusion.loss(x0, y, p_uncond=0.0, t=val_t[sl].to(device),
-                                            noise=val_noise[sl].to(device)).item() * len(x0)
-        return total / len(val_idx)
-
-    def checkpoint(path):
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        if main_proc:
-            save_checkpoint({"kind": kind, "model_config": model_config,
-                             "diffusion": {"timesteps": args.timesteps, "schedule": args.schedule,
-                                           "prediction": args.prediction},
-                             "model": model.state_dict(), "ema": ema.state_dict(),
-                             "optimizer": opt.state_dict(), "state": dict(state), "rng": rngs,
-                             "args": plain(args), "num_classes": data.num_classes}, path)
-
-    def end_of_epoch(epoch, train_loss, images_per_s, elapsed):
-        """Validation, metrics, pictures, checkpoints, early stopping. Returns True to stop.
-
-        epoch counts finished epochs; after a budget stop it has a fraction, e.g. 3.4."""
-        val = validation_loss()
-        improved = state["best_val"] - val > args.min_delta
-        if improved:
-            state["best_val"], state["bad_epochs"] = val, 0
-        else:
-            state["bad_epochs"] += 1
-        rows.append({"epoch": round(epoch, 3), "step": state["step"],
-                     "train_loss": train_loss, "val_loss": val, "lr": opt.param_groups[0]["lr"],
-                     "images_per_s": images_per_s, "elapsed_s": elapsed})
-        if main_proc:
-            write_metrics(rows, out_dir / "metrics.csv")
-            plot_loss_curve(rows, out_dir / "loss_curve.png")
-            sample_grid(out_dir / f"samples_epoch{math.ceil(epoch):03d}.png")
-            print(f"epoch {epoch:g} step {state['step']}: train {train_loss:.4f} "
-                  f"val {val:.4f}{' (best)' if improved else ''} {images_per_s:.0f} img/s")
-        checkpoint(out_dir / "last.pt")
-        if improved:
-            checkpoint(out_dir / "best.pt")
-        return state["bad_epochs"] >= args.patience
-
-    total_steps = args.epochs * batches_per_epoch
-
-    def learning_rate(step, elapsed):
-        """Linear warmup, then constant or a cosine decay over the budget's progress in [0, 1].
-
-        The decay spans --epochs, or --max-minutes if that runs out first. --max-steps only
-        stops the run, so a run cut short by it and resumed follows the same schedule."""
-        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
-        if args.lr_schedule == "cosine":
-            progress = step / total_steps
-            if args.max_minutes is not None:  # a wall-clock budget may run out first
-                progress = max(progress, elapsed / (60 * args.max_minutes))
-            lr *= 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return lr
-
-    # Ctrl-C asks the loop to stop at the end of the current step, so last.pt is consistent
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) \
-        if main_proc and world == 1 else None
-
-    from tqdm.auto import tqdm
-    if main_proc:
-        print(f"{kind} model: {n_params / 1e6:.2f}M parameters, predicts {args.prediction}, "
-              f"{len(train_idx)} training images, {batches_per_epoch} steps per epoch, "
-              f"device {device}, {world} process(es), {'bf16 autocast' if bf16 else 'fp32'}")
-    start = time.time()
-    stop_reason = None
-    try:
-        while state["epoch"] < args.epochs and stop_reason is None:
-            sampler.set_epoch(state["epoch"])
-            order = train_idx[torch.tensor(list(sampler))]
-            bar = tqdm(range(state["batch_in_epoch"], batches_per_epoch), disable=not main_proc,
-                       desc=f"epoch {state['epoch'] + 1}", dynamic_ncols=True)
-            epoch_start, epoch_images = time.time(), 0
-            model.train()
-            for b in bar:
-                # data: a batch of uint8 images -> [-1, 1], in the model's layout, augmented
-                idx = order[b * args.batch_size:(b + 1) * args.batch_size]
-                x0 = to_model_range(images[idx.to(images.device)]).to(device)
-                x0 = x0.contiguous(memory_format=layout)
-                if augment is not None:
-                    x0 = augment(x0)
-                y = labels[idx].to(device) if labels is not None else None
-
-                # forward / backward: DDPM Alg. 1 on this batch, t drawn by training_timesteps
-                t = training_timesteps(len(x0), args.timesteps, args.t_power, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = diffusion.loss(x0, y, p_uncond=args.p_uncond, t=t)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                    fail(f"the loss became {loss.item()} at step {state['step']} (gradient norm "
-                         f"{grad_norm.item()}); training stopped. The last good checkpoint in "
-                         f"{out_dir} was kept. Try a lower --lr or a longer --warmup.")
-
-                # optimizer step with the learning-rate schedule, then EMA of the weights
-                lr = learning_rate(state["step"], time.time() - start)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                opt.step()
-                ema.update(model)
-
-                # logging
-                state["step"] += 1
-                state["batch_in_epoch"] = b + 1
-                state["loss_sum"] += loss.item()
-                state["loss_count"] += 1
-                epoch_images += len(x0) * world
-                images_per_s = epoch_images / (time.time() - epoch_start)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:.0f}")
-
-                # stop: budgets and Ctrl-C
-                if args.max_steps is not None and state["step"] >= args.max_steps:
-                    stop_reason = f"reached --max-steps {args.max_steps}"
-                elif args.max_minutes is not None and time.time() - start >= 60 * args.max_minutes:
-                    stop_reason = f"reached --max-minutes {args.max_minutes}"
-                elif interrupted:
-                    stop_reason = "interrupted"
-                if world > 1:  # every rank must stop at the same step
-                    flag = torch.tensor([stop_reason is not None], device=device, dtype=torch.int)
-                    dist.all_reduce(flag)
-                    stop_reason = stop_reason or ("another rank stopped" if flag.item() else None)
-                if stop_reason:
-                    break
-            bar.close()
-
-            if stop_reason == "interrupted":  # save at once, skip the pictures
-                checkpoint(out_dir / "last.pt")
-                break
-
-            # end of epoch (or of the budget): validation, pictures, checkpoint, early stop
-            train_loss = state["loss_sum"] / max(state["loss_count"], 1)
-            if state["batch_in_epoch"] == batches_per_epoch:  # a whole epoch: reset its counters
-                state.update(epoch=state["epoch"] + 1, batch_in_epoch=0, loss_sum=0.0, loss_count=0)
-            model.eval()
-            progress = state["epoch"] + state["batch_in_epoch"] / batches_per_epoch
-            if end_of_epoch(progress, train_loss, images_per_s, time.time() - start) and stop_reason is None:
-                stop_reason = f"early stopping: no improvement for {args.patience} epochs"
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-
-    if main_proc:
-        print(f"stopped: {stop_reason or f'finished {args.epochs} epochs'}; "
-              f"best validation loss {state['best_val']:.4f}")
-        if stop_reason == "interrupted":
-            print(f"saved {out_dir / 'last.pt'}; continue with --resume {out_dir / 'last.pt'}")
-        else:
-            sample_grid(out_dir / "samples.png")
-            print(f"wrote {out_dir / 'samples.png'}, last.pt, best.pt, metrics.csv, loss_curve.png")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    if stop_reason == "interrupted":
-        raise SystemExit(130)
-    return TrainResult(state, model, ema)

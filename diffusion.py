@@ -252,6 +252,10 @@ class EMA:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
 
     def load_state_dict(self, state):
+        missing, unexpected = self.shadow.keys() - state["shadow"].keys(), state["shadow"].keys() - self.shadow.keys()
+        if missing or unexpected:  # a partial EMA would silently keep random weights
+            raise KeyError(f"EMA weights do not match the model: missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]}")
         self.decay, self.num_updates = state["decay"], state["num_updates"]
         for k, v in state["shadow"].items():
             self.shadow[k].copy_(v)

@@ -12,18 +12,18 @@ import torch
 
 import common
 import diffusion_cifar
+import training
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="cifar10", help="cifar10, or a folder of images (RGB)")
+    p.add_argument("--dataset", default="cifar10", help="cifar10, or a folder of images (RGB) (%(default)s)")
     p.add_argument("--preset", choices=sorted(diffusion_cifar.PRESETS), default="small",
-                   help="network size: ddpm is the paper's 35.7M network")
-    p.add_argument("--image-size", type=int, default=32, help="images are resized to this (folders)")
+                   help="network size: ddpm is the paper's 35.7M network (%(default)s)")
+    p.add_argument("--image-size", type=int, default=32, help="images are resized to this (folders) (%(default)s)")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     p.add_argument("--no-flip", action="store_true", help="turn off random horizontal flips")
-    p.add_argument("--out-dir", default="runs/cifar10")
-    common.add_training_args(p)
+    training.add_training_args(p, "cifar")
     p.set_defaults(batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999, schedule="linear",
                    epochs=2000, patience=20, grad_clip=1.0)
     return p.parse_args(argv)
@@ -36,15 +36,19 @@ def random_hflip(x):
 
 
 def main(args):
-    args, ckpt = common.prepare_args(args, "cifar")
+    cli = args
+    args, ckpt = training.prepare_args(args, "cifar")
     if ckpt is not None:
         model_config = ckpt["model_config"]
+        defaults = vars(parse_args([]))
+        training.note_ignored_architecture(ckpt, {k: getattr(cli, k) for k in ("image_size", "dropout")
+                                                  if getattr(cli, k) != defaults[k]})
     else:
         model_config = dict(diffusion_cifar.PRESETS[args.preset], image_size=args.image_size)
         model_config["channel_mult"] = list(model_config["channel_mult"])
         model_config["attn_resolutions"] = list(model_config["attn_resolutions"])
         if args.dropout is not None:
-            if not 0 <= args.dropout < 1:
+            if not 0 <= args.dropout < 1:  # NaN fails this too
                 common.fail(f"--dropout must be in [0, 1), got {args.dropout}")
             model_config["dropout"] = args.dropout
         levels = len(model_config["channel_mult"])
@@ -55,7 +59,7 @@ def main(args):
     if args.class_cond and ckpt is None:
         model_config["num_classes"] = data.num_classes
     augment = None if args.no_flip else random_hflip
-    return common.train(args, "cifar", diffusion_cifar, model_config, data, augment=augment, ckpt=ckpt)
+    return training.train(args, "cifar", diffusion_cifar, model_config, data, augment=augment, ckpt=ckpt)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import common
+import training
 import diffusion
 import train_diffusion
 from helpers import write_idx, write_image_folder, write_mnist
@@ -263,7 +264,7 @@ def test_cosine_learning_rate_schedule(mnist_dir):
 def test_training_timesteps_have_density_proportional_to_t_to_the_power_minus_one(power):
     torch.manual_seed(0)
     T, n = 1000, 400_000
-    t = common.training_timesteps(n, T, power, torch.device("cpu"))
+    t = training.training_timesteps(n, T, power, torch.device("cpu"))
     assert t.dtype == torch.long and t.min() >= 0 and t.max() <= T - 1
     # P(t < T/2) = (1/2)^power: 1/2 uniform, 1/4 for power 2
     assert (t < T // 2).float().mean().item() == pytest.approx(0.5 ** power, abs=0.005)
@@ -282,7 +283,7 @@ def test_old_checkpoints_resume_with_uniform_timesteps(mnist_dir):
     del ckpt["args"]["t_power"]  # a checkpoint from before --t-power
     torch.save(ckpt, last)
     args = train_diffusion.parse_args(["--resume", str(last), "--device", "cpu"])
-    args, _ = common.prepare_args(args, "mnist")
+    args, _ = training.prepare_args(args, "mnist")
     assert args.t_power == 1.0
 
 

@@ -1,0 +1,527 @@
+"""The training loop both training scripts share: DDPM Algorithm 1 and the bookkeeping around it.
+
+Read Trainer.run first: it is the loop, one page, with a comment on each phase (data,
+forward/backward, optimizer and EMA, logging, budgets). Everything around it is a small
+named method: learning_rate, validation_loss, sample_grid, save, end_of_epoch.
+The model modules (diffusion.py, diffusion_cifar.py) know nothing of this file.
+"""
+
+import copy
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import common
+from common import fail
+
+# Arguments that a resumed run takes from the command line; all others come from the checkpoint.
+RESUME_OVERRIDES = {"epochs", "max_steps", "max_minutes", "patience", "min_delta", "device",
+                    "out_dir", "resume", "compile", "amp", "data_dir", "overwrite"}
+DEFAULT_OUT_DIRS = {"mnist": "runs/mnist", "cifar": "runs/cifar10"}
+# What a run writes into its --out-dir; --overwrite removes exactly these before a new run.
+RUN_FILES = ["last.pt", "best.pt", "metrics.csv", "loss_curve.png", "samples.png"]
+RUN_GLOBS = ["samples_epoch*.png", "samples_step*.png", "*.tmp"]
+
+
+# ----------------------------------------------------------------------------------------
+# Arguments
+
+
+def add_training_args(p, kind):
+    """The options both training scripts share. Each script then sets its own defaults, and
+    argparse's %(default)s shows them in --help as the script will use them."""
+    a = p.add_argument
+    a("--out-dir", default=None,
+      help=f"where the run is written (default {DEFAULT_OUT_DIRS[kind]}, or with --resume the "
+           f"checkpoint's own folder)")
+    a("--overwrite", action="store_true",
+      help="replace a run that is already in --out-dir (by default that is refused)")
+    a("--data-dir", default="./data", help="where data sets are found or downloaded (%(default)s)")
+    a("--val-size", type=int, default=1000, help="held-out images for the validation loss (%(default)s)")
+    a("--epochs", type=int, default=100, help="most epochs to train (%(default)s)")
+    a("--max-steps", type=int, default=None, help="most optimizer steps to train in all")
+    a("--max-minutes", type=float, default=None,
+      help="wall-clock budget for the whole run, minutes; a resumed run counts its earlier time")
+    a("--batch-size", type=int, default=128, help="images per optimizer step (%(default)s)")
+    a("--lr", type=float, default=2e-4, help="peak learning rate of AdamW (%(default)s)")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (%(default)s)")
+    a("--warmup", type=int, default=500, help="linear learning-rate warmup, in steps (%(default)s)")
+    a("--lr-schedule", choices=["constant", "cosine"], default="constant",
+      help="after warmup: constant, or cosine decay to 0 over --epochs or --max-minutes, "
+           "whichever runs out first (%(default)s)")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (%(default)s)")
+    a("--ema-decay", type=float, default=0.9999,
+      help="EMA decay of the weights, reached after a warmup (%(default)s)")
+    a("--schedule", choices=["linear", "cosine"], default="linear",
+      help="the noise schedule beta_t: DDPM's linear one or Nichol & Dhariwal's cosine (%(default)s)")
+    a("--prediction", choices=["eps", "v"], default="eps",
+      help="what the network outputs: the noise eps (DDPM) or the velocity v (Salimans & Ho) "
+           "(%(default)s)")
+    a("--timesteps", type=int, default=1000, help="T, the number of diffusion steps (%(default)s)")
+    a("--t-power", type=float, default=1.0,
+      help="training timesteps t are drawn with density proportional to t^(power - 1): 1 is "
+           "DDPM's uniform t, 2 a density rising linearly with t, which trains the noisy steps "
+           "more (%(default)s)")
+    a("--class-cond", action="store_true", help="train a class-conditional model")
+    a("--p-uncond", type=float, default=0.1,
+      help="label dropout for classifier-free guidance (%(default)s)")
+    a("--guidance", type=float, default=2.0,
+      help="classifier-free guidance scale for the sample grids (%(default)s)")
+    a("--patience", type=int, default=5,
+      help="epochs without a validation improvement before stopping (%(default)s)")
+    a("--min-delta", type=float, default=1e-4,
+      help="smallest validation-loss drop that counts as an improvement (%(default)s)")
+    a("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids (%(default)s)")
+    a("--compile", action="store_true", help="torch.compile the network (slow start, faster steps)")
+    a("--amp", choices=["auto", "none", "bf16"], default="auto",
+      help="bfloat16 autocast for training steps; auto: on where the hardware has fast bf16, "
+           "none: float32 (%(default)s)")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    a("--seed", type=int, default=0, help="random seed (%(default)s)")
+    a("--resume", default=None, help="continue from this last.pt (or best.pt)")
+
+
+def check_training_args(args):
+    """Impossible arguments get a clear message instead of a failure deep inside torch."""
+    common.check_finite(lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                        ema_decay=args.ema_decay, p_uncond=args.p_uncond, guidance=args.guidance,
+                        t_power=args.t_power, max_minutes=args.max_minutes, min_delta=args.min_delta)
+    for name in ["batch_size", "epochs", "timesteps", "sample_steps"]:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        fail(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        fail(f"--max-minutes must be positive, got {args.max_minutes}")
+    if not args.lr > 0:
+        fail(f"--lr must be a positive number, got {args.lr}")
+    if args.weight_decay < 0 or args.min_delta < 0:
+        fail("--weight-decay and --min-delta must be >= 0")
+    if not 0 <= args.p_uncond < 1:
+        fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
+    if not 0 <= args.ema_decay < 1:
+        fail(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.sample_steps > args.timesteps:
+        fail(f"--sample-steps ({args.sample_steps}) cannot exceed --timesteps ({args.timesteps})")
+    if not 0 < args.t_power <= 10:
+        fail(f"--t-power must be in (0, 10], got {args.t_power}")
+    if args.warmup < 0 or args.patience < 1 or args.grad_clip <= 0:
+        fail("--warmup must be >= 0, --patience >= 1 and --grad-clip > 0")
+
+
+def check_out_dir(args):
+    """The output folder must be writable now, and a run already in it is never replaced
+    silently: only by resuming it, or with --overwrite."""
+    out_dir = common.check_writable_dir(args.out_dir)
+    existing = [f for f in RUN_FILES[:3] if (out_dir / f).exists()]
+    resuming_here = args.resume and Path(args.resume).resolve().parent == out_dir.resolve()
+    if existing and not resuming_here and not args.overwrite:
+        fail(f"{out_dir} already holds a run ({', '.join(existing)}). Continue it with "
+             f"--resume {out_dir / 'last.pt'}, pick another --out-dir, or pass --overwrite "
+             f"to replace it.")
+
+
+def plain(args):
+    """argparse.Namespace -> a dict of plain values, storable with weights_only=True."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def prepare_args(args, kind):
+    """Check the arguments; with --resume, take the checkpoint's training arguments, keeping
+    budgets and placement from the command line. Returns (args, checkpoint or None)."""
+    ckpt = None
+    if args.resume:
+        ckpt = common.load_checkpoint(args.resume, kind)
+        for key in ("args", "optimizer", "state", "rng"):
+            if not isinstance(ckpt.get(key), (dict, list)):
+                fail(f"{args.resume} cannot be resumed: it lacks the training state "
+                     f"{key!r} (it can still be sampled from)")
+        # options newer than the checkpoint keep their defaults; the process (timesteps,
+        # schedule, prediction) is always the one the checkpoint's network was trained with
+        merged = {**vars(args), **ckpt["args"], **ckpt["diffusion"]}
+        merged.update({k: v for k, v in vars(args).items() if k in RESUME_OVERRIDES})
+        args = type(args)(**merged)
+    if args.out_dir is None:
+        args.out_dir = str(Path(args.resume).parent) if args.resume else DEFAULT_OUT_DIRS[kind]
+    check_training_args(args)
+    check_out_dir(args)
+    return args, ckpt
+
+
+def note_ignored_architecture(ckpt, given):
+    """On --resume the checkpoint's network wins; say so when the command line asked for another."""
+    config = ckpt["model_config"]
+    differ = {k: v for k, v in given.items() if v is not None and config.get(k) != v}
+    if differ:
+        kept = ", ".join(f"{k}={config.get(k)}" for k in differ)
+        asked = ", ".join(f"{k}={v}" for k, v in differ.items())
+        print(f"note: resuming keeps the checkpoint's network ({kept}); ignored {asked} from the "
+              f"command line")
+
+
+def training_timesteps(n, num_timesteps, power, device):
+    """n training timesteps drawn with density p(t) about proportional to t^(power - 1).
+
+    power = 1 is DDPM's uniform t. power = 2 samples t in proportion to t: three quarters of
+    the batch falls in the noisier half of the process. In expectation this is the uniform-t
+    loss weighted by T p(t); the best prediction at each t is unchanged.
+    """
+    u = torch.rand(n, device=device)
+    return (num_timesteps * u ** (1.0 / power)).long().clamp_(max=num_timesteps - 1)
+
+
+def setup_distributed(device_name):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, common.pick_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = common.pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """Everything one training run holds: model, EMA, optimizer, data, counters, output folder.
+
+    kind: 'mnist' or 'cifar', stored in the checkpoint. augment: optional function applied to
+    each float batch x -> x, such as random flips. ckpt: a checkpoint to resume from (see
+    prepare_args).
+    """
+
+    def __init__(self, args, kind, module, model_config, data, augment=None, ckpt=None):
+        self.args, self.kind, self.module, self.augment = args, kind, module, augment
+        self.model_config, self.num_classes = model_config, data.num_classes
+        self.rank, self.world, self.device = setup_distributed(args.device)
+        common.configure_backends(self.device)
+        self.main_proc = self.rank == 0
+        self.out_dir = Path(args.out_dir)
+        if self.main_proc and args.overwrite and not args.resume:
+            self.remove_old_run()
+
+        # -- the model, its process, EMA and optimizer (same initial weights on every rank)
+        torch.manual_seed(args.seed)
+        self.bf16 = common.use_bf16(args.amp, self.device)
+        self.layout = common.memory_format(self.device, self.bf16)
+        self.model = module.DiffusionModel(**model_config).to(self.device, memory_format=self.layout)
+        self.ema = module.EMA(self.model, args.ema_decay)
+        self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.sampler = module.GaussianDiffusion(self.ema_model, args.timesteps, args.schedule,
+                                                args.prediction).to(self.device)
+        # the fused (single-kernel) AdamW on CUDA; the foreach one elsewhere
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                     fused=self.device.type == "cuda")
+        self.state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "loss_sum": 0.0, "loss_count": 0,
+                      "best_val": math.inf, "bad_epochs": 0}
+        self.elapsed_before = 0.0  # seconds of training in earlier sessions of a resumed run
+        self.rows = []
+        self.stop_requests = []  # filled by the Ctrl-C / SIGTERM handler that train() installs
+        if ckpt is not None:
+            self.restore(ckpt)
+        else:
+            torch.manual_seed(args.seed + self.rank)  # a different noise stream on each rank
+
+        train_model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if args.compile:
+            train_model = torch.compile(train_model)
+        self.diffusion = module.GaussianDiffusion(train_model, args.timesteps, args.schedule,
+                                                  args.prediction).to(self.device)
+        self.setup_data(data)
+
+    def remove_old_run(self):
+        """--overwrite: delete the files an earlier run wrote here, and only those."""
+        old = [self.out_dir / f for f in RUN_FILES] + \
+            [p for g in RUN_GLOBS for p in self.out_dir.glob(g)]
+        for p in old:
+            if p.is_file():
+                p.unlink()
+
+    def restore(self, ckpt):
+        """Load weights, EMA, optimizer, counters and random state from a checkpoint."""
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.ema.load_state_dict(ckpt["ema"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            fail(f"{self.args.resume} does not fit its own model config, so it cannot be resumed: "
+                 f"{str(e).splitlines()[0]}")
+        self.state.update(ckpt["state"])
+        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        rngs = ckpt["rng"]
+        if len(rngs) == self.world and isinstance(rngs[self.rank], dict):
+            common.set_rng_state(rngs[self.rank])
+        else:
+            torch.manual_seed(self.args.seed + self.rank + 1000 * self.state["step"])
+        metrics = self.out_dir / "metrics.csv"
+        self.rows = [r for r in common.read_metrics(metrics) if r["step"] <= self.state["step"]]
+        if self.main_proc:
+            print(f"resumed from {self.args.resume} at epoch {self.state['epoch']}, step "
+                  f"{self.state['step']}, after {self.elapsed_before / 60:.1f} minutes of training")
+
+    def setup_data(self, data):
+        """Train/validation split, the epoch sampler, and the fixed validation and sample noise."""
+        args = self.args
+        self.train_idx, val_idx = common.split_train_val(len(data.images), args.val_size)
+        self.labels = data.labels if args.class_cond else None
+        if args.class_cond and self.labels is None:
+            fail("--class-cond needs labels, and this data set has none (an image folder needs "
+                 "one sub-folder per class)")
+        if self.labels is not None and not (0 <= int(self.labels.min()) and
+                                            int(self.labels.max()) < (self.model_config["num_classes"] or 0)):
+            fail(f"--class-cond: the labels run from {int(self.labels.min())} to "
+                 f"{int(self.labels.max())}, but the model has {self.model_config['num_classes']} classes")
+        # a DistributedSampler deals each epoch's shuffled indices to the ranks
+        from torch.utils.data.distributed import DistributedSampler
+        self.epoch_sampler = DistributedSampler(range(len(self.train_idx)), num_replicas=self.world,
+                                                rank=self.rank, shuffle=True, seed=args.seed, drop_last=True)
+        self.batches_per_epoch = len(self.epoch_sampler) // args.batch_size
+        if self.batches_per_epoch == 0:
+            fail(f"{len(self.train_idx)} training images cannot fill one batch of {args.batch_size} "
+                 f"per process; lower --batch-size or --val-size")
+        self.total_steps = args.epochs * self.batches_per_epoch
+        # the whole data set sits on the GPU (MNIST 47 MB, CIFAR-10 150 MB as uint8)
+        self.images = data.images.to(self.device) if self.device.type == "cuda" else data.images
+
+        # fixed validation timesteps and noise, and fixed sample noise: the same every epoch
+        g = torch.Generator().manual_seed(1234)
+        self.val_x0 = common.to_model_range(data.images[val_idx])
+        self.val_t = torch.randint(0, args.timesteps, (len(val_idx),), generator=g)
+        self.val_noise = torch.randn(self.val_x0.shape, generator=g)
+        self.val_y = self.labels[val_idx] if self.labels is not None else None
+        self.sample_y = None
+        if self.labels is not None:  # a row of 8 per class
+            self.sample_y = torch.arange(data.num_classes).repeat_interleave(8).to(self.device)
+        n_samples = len(self.sample_y) if self.sample_y is not None else 64
+        self.sample_noise = torch.randn((n_samples, *data.images.shape[1:]), generator=g)
+
+    # -- the small named pieces of the loop -----------------------------------------------
+
+    def learning_rate(self, step, elapsed):
+        """Linear warmup, then constant or a cosine decay over the budget's progress in [0, 1].
+
+        The decay spans --epochs, or --max-minutes if that runs out first. --max-steps only
+        stops the run, so a run cut short by it and resumed follows the same schedule."""
+        args = self.args
+        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+        if args.lr_schedule == "cosine":
+            progress = step / self.total_steps
+            if args.max_minutes is not None:  # a wall-clock budget may run out first
+                progress = max(progress, elapsed / (60 * args.max_minutes))
+            lr *= 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return lr
+
+    def batch(self, order, b):
+        """The b-th batch of this epoch: uint8 images -> [-1, 1], in the model's layout, augmented."""
+        idx = order[b * self.args.batch_size:(b + 1) * self.args.batch_size]
+        x0 = common.to_model_range(self.images[idx.to(self.images.device)]).to(self.device)
+        x0 = x0.contiguous(memory_format=self.layout)
+        if self.augment is not None:
+            x0 = self.augment(x0)
+        y = self.labels[idx].to(self.device) if self.labels is not None else None
+        return x0, y
+
+    @torch.no_grad()
+    def validation_loss(self):
+        """The EMA model's loss at fixed t and noise on the held-out images: comparable across
+        epochs and runs, whatever timestep density the training uses."""
+        self.ema.copy_to(self.ema_model)
+        total = 0.0
+        for i in range(0, len(self.val_x0), 256):
+            sl = slice(i, i + 256)
+            x0 = self.val_x0[sl].to(self.device).contiguous(memory_format=self.layout)
+            y = self.val_y[sl].to(self.device) if self.val_y is not None else None
+            total += self.sampler.loss(x0, y, p_uncond=0.0, t=self.val_t[sl].to(self.device),
+                                       noise=self.val_noise[sl].to(self.device)).item() * len(x0)
+        return total / len(self.val_x0)
+
+    def sample_grid(self, path):
+        """The EMA model's samples from the fixed noise, DDIM with --sample-steps, as a PNG."""
+        self.ema.copy_to(self.ema_model)
+        x = self.sampler.ddim_sample(self.sample_noise.shape, steps=self.args.sample_steps,
+                                     noise=self.sample_noise, y=self.sample_y, guidance=self.args.guidance)
+        common.save_grid(x, path, nrow=8)
+
+    def elapsed(self):
+        """Seconds of training in this run, earlier sessions of a resumed run included."""
+        return self.elapsed_before + time.time() - self.start
+
+    def save(self, path):
+        """One checkpoint dict (see README): config, weights, EMA, optimizer, counters, RNG, args."""
+        rngs = [common.rng_state()]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, common.rng_state())
+        if self.main_proc:
+            args = self.args
+            common.save_checkpoint(
+                {"kind": self.kind, "model_config": self.model_config,
+                 "diffusion": {"timesteps": args.timesteps, "schedule": args.schedule,
+                               "prediction": args.prediction},
+                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.opt.state_dict(), "state": dict(self.state), "rng": rngs,
+                 "elapsed_s": self.elapsed(), "args": plain(args), "num_classes": self.num_classes},
+                path)
+
+    def end_of_epoch(self, epoch, train_loss, images_per_s):
+        """Validation, metrics, pictures, checkpoints, early stopping. Returns True to stop.
+
+        epoch counts finished epochs; after a budget stop it has a fraction, e.g. 3.4."""
+        state, out_dir = self.state, self.out_dir
+        self.model.eval()
+        val = self.validation_loss()
+        improved = state["best_val"] - val > self.args.min_delta
+        if improved:
+            state["best_val"], state["bad_epochs"] = val, 0
+        else:
+            state["bad_epochs"] += 1
+        self.rows.append({"epoch": round(epoch, 3), "step": state["step"], "train_loss": train_loss,
+                          "val_loss": val, "lr": self.opt.param_groups[0]["lr"],
+                          "images_per_s": images_per_s, "elapsed_s": self.elapsed()})
+        if self.main_proc:
+            common.write_metrics(self.rows, out_dir / "metrics.csv")
+            common.plot_loss_curve(self.rows, out_dir / "loss_curve.png", self.args.prediction)
+            self.sample_grid(out_dir / f"samples_epoch{math.ceil(epoch):03d}.png")
+            print(f"epoch {epoch:g} step {state['step']}: train {train_loss:.4f} "
+                  f"val {val:.4f}{' (best)' if improved else ''} {images_per_s:.0f} img/s")
+        self.save(out_dir / "last.pt")
+        if improved:
+            self.save(out_dir / "best.pt")
+        return state["bad_epochs"] >= self.args.patience
+
+    def stop_reason(self, stop_requests):
+        """Why to stop after this step, or None: a budget, or Ctrl-C / SIGTERM."""
+        args = self.args
+        reason = None
+        if args.max_steps is not None and self.state["step"] >= args.max_steps:
+            reason = f"reached --max-steps {args.max_steps}"
+        elif args.max_minutes is not None and self.elapsed() >= 60 * args.max_minutes:
+            reason = f"reached --max-minutes {args.max_minutes}"
+        elif stop_requests:
+            reason = "interrupted"
+        if self.world > 1:  # every rank must stop at the same step
+            flag = torch.tensor([reason is not None], device=self.device, dtype=torch.int)
+            dist.all_reduce(flag)
+            reason = reason or ("another rank stopped" if flag.item() else None)
+        return reason
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self):
+        """Train until --epochs, a budget, early stopping or Ctrl-C. Returns the counters."""
+        from tqdm.auto import tqdm
+        args, state = self.args, self.state
+        if self.main_proc:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            print(f"{self.kind} model: {n_params / 1e6:.2f}M parameters, predicts {args.prediction}, "
+                  f"{len(self.train_idx)} training images, {self.batches_per_epoch} steps per epoch, "
+                  f"device {self.device}, {self.world} process(es), "
+                  f"{'bf16 autocast' if self.bf16 else 'float32'}")
+        self.start = time.time()
+        stop = self.stop_reason([])  # a budget may already be used up by the resumed run
+        while state["epoch"] < args.epochs and stop is None:
+            self.epoch_sampler.set_epoch(state["epoch"])
+            order = self.train_idx[torch.tensor(list(self.epoch_sampler))]
+            bar = tqdm(range(state["batch_in_epoch"], self.batches_per_epoch), disable=not self.main_proc,
+                       desc=f"epoch {state['epoch'] + 1}", dynamic_ncols=True)
+            epoch_start, epoch_images, images_per_s = time.time(), 0, 0.0
+            self.model.train()
+            for b in bar:
+                # data
+                x0, y = self.batch(order, b)
+
+                # forward / backward: DDPM Alg. 1 on this batch, t drawn by training_timesteps
+                t = training_timesteps(len(x0), args.timesteps, args.t_power, self.device)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss = self.diffusion.loss(x0, y, p_uncond=args.p_uncond, t=t)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                    fail(f"the loss became {loss.item()} at step {state['step']} (gradient norm "
+                         f"{grad_norm.item()}); training stopped. The last good checkpoint in "
+                         f"{self.out_dir} was kept. Try a lower --lr or a longer --warmup.")
+
+                # optimizer step with the learning-rate schedule, then EMA of the weights
+                for group in self.opt.param_groups:
+                    group["lr"] = self.learning_rate(state["step"], self.elapsed())
+                self.opt.step()
+                self.ema.update(self.model)
+
+                # logging
+                state["step"] += 1
+                state["batch_in_epoch"] = b + 1
+                state["loss_sum"] += loss.item()
+                state["loss_count"] += 1
+                epoch_images += len(x0) * self.world
+                images_per_s = epoch_images / (time.time() - epoch_start)
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:.0f}")
+
+                # stop: budgets, Ctrl-C and SIGTERM
+                stop = self.stop_reason(self.stop_requests)
+                if stop:
+                    break
+            bar.close()
+
+            if stop == "interrupted":  # save at once, skip the pictures
+                self.save(self.out_dir / "last.pt")
+                break
+
+            # end of epoch (or of the budget): validation, pictures, checkpoint, early stop
+            train_loss = state["loss_sum"] / max(state["loss_count"], 1)
+            if state["batch_in_epoch"] == self.batches_per_epoch:  # a whole epoch: reset its counters
+                state.update(epoch=state["epoch"] + 1, batch_in_epoch=0, loss_sum=0.0, loss_count=0)
+            progress = state["epoch"] + state["batch_in_epoch"] / self.batches_per_epoch
+            if self.end_of_epoch(progress, train_loss, images_per_s) and stop is None:
+                stop = f"early stopping: no improvement for {args.patience} epochs"
+        return stop
+
+    def finish(self, stop):
+        """The final sample grid and a summary line; exit status 130 after an interruption."""
+        if self.main_proc:
+            print(f"stopped: {stop or f'finished {self.args.epochs} epochs'}; "
+                  f"best validation loss {self.state['best_val']:.4f}")
+            if stop == "interrupted":
+                print(f"saved {self.out_dir / 'last.pt'}; continue with --resume {self.out_dir / 'last.pt'}")
+            else:
+                self.sample_grid(self.out_dir / "samples.png")
+                print(f"wrote {self.out_dir / 'samples.png'}, last.pt, best.pt, metrics.csv, loss_curve.png")
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        if stop == "interrupted":
+            raise SystemExit(130)
+
+
+def train(args, kind, module, model_config, data, augment=None, ckpt=None):
+    """Train `module`.DiffusionModel(**model_config) on `data`; write checkpoints and pictures.
+    Returns the Trainer: its .state (counters), .model and .ema."""
+    trainer = Trainer(args, kind, module, model_config, data, augment, ckpt)
+    # Ctrl-C (SIGINT) and SIGTERM (kill, job schedulers) ask the loop to stop after the
+    # current step, so last.pt is consistent and --resume continues exactly
+    handlers = {}
+    if trainer.main_proc and trainer.world == 1:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda *_: trainer.stop_requests.append(True))
+    try:
+        stop = trainer.run()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    trainer.finish(stop)
+    return trainer
