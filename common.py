@@ -195,6 +195,26 @@ def load_idx_dataset(dataset, data_dir, split="train", download=True):
     return Dataset(images, torch.from_numpy(labels.astype(np.int64)), 10, dataset)
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR-10's pickle batches without letting a file run code.
+
+    A pickle may name any importable function, and plain pickle.load calls it: a crafted batch
+    file could run a shell command. The real batches hold only a dict of bytes, lists of ints and
+    bytes, and one uint8 numpy array, so only the classes that rebuild a numpy array are allowed.
+    """
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("copy_reg", "_reconstructor"),
+               ("copyreg", "_reconstructor")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds "
+                                         f"only arrays, lists and bytes")
+        return super().find_class(module, name)
+
+
 def load_cifar10(data_dir, split="train", download=True):
     """CIFAR-10 from its python pickle batches (cifar-10-batches-py), downloading if missing."""
     folder = Path(data_dir) / "cifar-10-batches-py"
@@ -214,12 +234,23 @@ def load_cifar10(data_dir, split="train", download=True):
     for f in files:
         try:
             with open(folder / f, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")  # the data set's own format
+                batch = CifarUnpickler(fh, encoding="bytes").load()  # the data set's own format
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(batch[b"labels"])
         except Exception as e:
             fail(f"could not read CIFAR-10 batch {folder / f}: {type(e).__name__}: {e}")
     return Dataset(torch.from_numpy(np.concatenate(images)), torch.tensor(labels), 10, "cifar10")
+
+
+def to_8bit(im):
+    """16- and 32-bit grayscale images (PNG mode I;16 or I) scaled to 8 bits. PIL's own convert
+    clips them at 255, which turns almost every pixel of a 16-bit image white."""
+    from PIL import Image
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        return Image.fromarray((a / top * 255).round().clip(0, 255).astype(np.uint8), "L")
+    return im
 
 
 def load_image_folder(path, image_size, channels):
@@ -238,7 +269,7 @@ def load_image_folder(path, image_size, channels):
     for i, p in enumerate(files):
         try:
             with Image.open(p) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
+                im = to_8bit(im).convert("L" if channels == 1 else "RGB")
                 im = im.resize((image_size, image_size), Image.BICUBIC)
         except (OSError, UnidentifiedImageError) as e:
             fail(f"could not read image {p}: {e}")
@@ -353,10 +384,13 @@ def model_from_checkpoint(ckpt, device, use_ema=True):
     try:
         model = module.DiffusionModel(**ckpt["model_config"])
         model.load_state_dict(ckpt["ema"]["shadow"] if use_ema else ckpt["model"])
-    except (TypeError, RuntimeError, KeyError) as e:
+    except (TypeError, RuntimeError, KeyError, ValueError) as e:
         fail(f"the checkpoint's weights do not fit its model config: {str(e).splitlines()[0]}")
     model.to(device).eval()
-    diffusion = module.GaussianDiffusion(model, **ckpt["diffusion"]).to(device)
+    try:
+        diffusion = module.GaussianDiffusion(model, **ckpt["diffusion"]).to(device)
+    except (TypeError, ValueError) as e:
+        fail(f"the checkpoint's diffusion settings are not valid: {e}")
     return model, diffusion, module
 
 

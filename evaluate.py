@@ -210,8 +210,8 @@ def load_npz(path):
             if "arr_0" not in z:
                 common.fail(f"{path} has no arr_0 (keys: {', '.join(z.files)})")
             return z["arr_0"]
-    except (OSError, ValueError) as e:
-        common.fail(f"could not read {path} as .npz: {e}")
+    except Exception as e:  # a truncated or foreign file fails in zipfile, numpy or pickle
+        common.fail(f"could not read {path} as .npz: {type(e).__name__}: {e}")
 
 
 def load_png_folder(path, channels):

@@ -170,9 +170,10 @@ def main(args):
         common.fail(f"--steps must be in [1, {diffusion.num_timesteps}]")
     cfg = ckpt["model_config"]
     shape = (1, cfg["channels"], cfg["image_size"], cfg["image_size"])
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = common.check_writable_dir(args.out_dir)
     guidance = ckpt["args"].get("guidance", 1.0)
+    if cfg.get("num_classes") and not all(0 <= c < cfg["num_classes"] for c in args.classes):
+        common.fail(f"--classes must be in [0, {cfg['num_classes']}) for this checkpoint, got {args.classes}")
     # conditional models sample one fixed class for the noise path
     y = torch.tensor([args.classes[0]], device=device) if cfg.get("num_classes") else None
     modes = ["noise", "images"] + (["classes"] if cfg.get("num_classes") else []) \

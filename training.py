@@ -110,6 +110,9 @@ def check_training_args(args):
         fail(f"--sample-steps ({args.sample_steps}) cannot exceed --timesteps ({args.timesteps})")
     if not 0 < args.t_power <= 10:
         fail(f"--t-power must be in (0, 10], got {args.t_power}")
+    if args.schedule not in ("linear", "cosine") or args.prediction not in ("eps", "v"):
+        fail(f"unknown schedule {args.schedule!r} or prediction {args.prediction!r} (a damaged "
+             f"checkpoint?); the schedules are linear and cosine, the predictions eps and v")
     if args.warmup < 0 or args.patience < 1 or args.grad_clip <= 0:
         fail("--warmup must be >= 0, --patience >= 1 and --grad-clip > 0")
 
@@ -215,7 +218,10 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.bf16 = common.use_bf16(args.amp, self.device)
         self.layout = common.memory_format(self.device, self.bf16)
-        self.model = module.DiffusionModel(**model_config).to(self.device, memory_format=self.layout)
+        try:
+            self.model = module.DiffusionModel(**model_config).to(self.device, memory_format=self.layout)
+        except (TypeError, ValueError) as e:
+            fail(f"cannot build the network from model config {model_config}: {e}")
         self.ema = module.EMA(self.model, args.ema_decay)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.sampler = module.GaussianDiffusion(self.ema_model, args.timesteps, args.schedule,
