@@ -416,11 +416,14 @@ SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
 def sample(diffusion, sampler, shape, steps=50, eta=0.0, y=None, guidance=1.0, generator=None,
-           noise=None, progress=False):
-    """Images in [-1, 1] from the named sampler of a model module's GaussianDiffusion."""
+           noise=None, progress=False, spacing=None):
+    """Images in [-1, 1] from the named sampler of a model module's GaussianDiffusion.
+    spacing: 'uniform' or 'logsnr' timesteps for ddim and dpm++; None keeps each one's default."""
     kw = dict(y=y, guidance=guidance, generator=generator, noise=noise, progress=progress)
     if sampler == "ddpm":
         return diffusion.ddpm_sample(shape, **kw)
+    if spacing is not None:
+        kw["spacing"] = spacing
     if sampler == "ddim":
         return diffusion.ddim_sample(shape, steps=steps, eta=eta, **kw)
     if sampler == "dpm++":
@@ -428,13 +431,12 @@ def sample(diffusion, sampler, shape, steps=50, eta=0.0, y=None, guidance=1.0, g
     raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
 
 
-def sampler_label(sampler, steps, eta=0.0):
+def sampler_label(sampler, steps, eta=0.0, spacing=None):
     """A short human name: 'DDPM-1000', 'DDIM-50', 'DDIM-50 eta=1', 'DPM-Solver++ 10'."""
     if sampler == "ddpm":
         return f"DDPM-{steps}"
-    if sampler == "ddim":
-        return f"DDIM-{steps}" + (f" eta={eta:g}" if eta else "")
-    return f"DPM-Solver++ {steps}"
+    name = f"DDIM-{steps}" + (f" eta={eta:g}" if eta else "") if sampler == "ddim" else f"DPM-Solver++ {steps}"
+    return name + (f" ({spacing} t)" if spacing else "")
 
 
 def save_grid(images, path, nrow=8):

@@ -238,7 +238,7 @@ def save_npz(images, path):
 
 @torch.no_grad()
 def sample_from_checkpoint(ckpt, num_samples, sampler, steps, batch_size, device, seed,
-                           guidance=None, eta=0.0, class_id=None):
+                           guidance=None, eta=0.0, class_id=None, spacing=None):
     """Draw uint8 NHWC samples from a checkpoint's EMA weights; also the requested labels."""
     from tqdm.auto import tqdm
     model, diffusion, _ = common.model_from_checkpoint(ckpt, device)
@@ -249,14 +249,15 @@ def sample_from_checkpoint(ckpt, num_samples, sampler, steps, batch_size, device
     guidance = ckpt["args"].get("guidance", 1.0) if guidance is None else guidance
     g = torch.Generator().manual_seed(seed)
     images, labels = [], []
-    for i in tqdm(range(0, num_samples, batch_size), desc=f"sampling {common.sampler_label(sampler, steps, eta)}"):
+    for i in tqdm(range(0, num_samples, batch_size), desc=f"sampling {common.sampler_label(sampler, steps, eta, spacing)}"):
         n = min(batch_size, num_samples - i)
         y = None
         if num_classes:
             y = (torch.full((n,), class_id) if class_id is not None
                  else torch.arange(i, i + n) % num_classes).to(device)
             labels.append(y.cpu())
-        x = common.sample(diffusion, sampler, (n, *shape), steps, eta, y, guidance, generator=g)
+        x = common.sample(diffusion, sampler, (n, *shape), steps, eta, y, guidance, generator=g,
+                          spacing=spacing)
         images.append(common.to_uint8(x).permute(0, 2, 3, 1).cpu())
     labels = torch.cat(labels).numpy() if labels else None
     return torch.cat(images).numpy(), labels
@@ -369,6 +370,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="steps for ddim and dpm++")
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise: 0 deterministic, 1 as much as DDPM (ddim only)")
+    p.add_argument("--spacing", choices=["uniform", "logsnr"], default=None,
+                   help="where ddim and dpm++ evaluate: evenly in t or in log-SNR (default: uniform "
+                        "for ddim, logsnr for dpm++)")
     p.add_argument("--guidance", type=float, default=None, help="default: the training setting")
     p.add_argument("--num-samples", type=int, default=None,
                    help="samples to draw (default 50000 for CIFAR-10, 10000 otherwise)")
@@ -420,8 +424,8 @@ def main(args):
         start = time.perf_counter()
         images, requested = sample_from_checkpoint(ckpt, n, args.sampler, args.steps,
                                                    args.batch_size, device, args.seed,
-                                                   args.guidance, args.eta)
-        sampling = {"sampler": common.sampler_label(args.sampler, args.steps, args.eta),
+                                                   args.guidance, args.eta, spacing=args.spacing)
+        sampling = {"sampler": common.sampler_label(args.sampler, args.steps, args.eta, args.spacing),
                     "sampling_seconds": time.perf_counter() - start}
         if args.save_npz:
             save_npz(images, args.save_npz)

