@@ -220,6 +220,33 @@ class DiffusionModel(nn.Module):
         return self.out(h)
 
 
+def describe(model):
+    """Print the U-Net level by level: what each block outputs for one image, and its size.
+    `python diffusion.py` prints the default network this way."""
+    rows, handles = [], []
+
+    def record(name, module):
+        def hook(mod, inputs, output):
+            out = output[0] if isinstance(output, tuple) else output  # down blocks also return skips
+            rows.append((name, type(module).__name__, tuple(out.shape[1:]),
+                         sum(p.numel() for p in module.parameters())))
+        return hook
+
+    for name, child in model.named_children():
+        blocks = [(f"{name}[{i}]", m) for i, m in enumerate(child)] if isinstance(child, nn.ModuleList) \
+            else [(name, child)]
+        handles += [m.register_forward_hook(record(n, m)) for n, m in blocks]
+    x = torch.zeros(1, model.channels, model.image_size, model.image_size)
+    with torch.no_grad():
+        model(x, torch.zeros(1, dtype=torch.long))
+    for h in handles:
+        h.remove()
+    print(f"{'block':<14}{'type':<16}{'output (C, H, W)':<20}{'parameters':>12}")
+    for name, kind, shape, n in rows:
+        print(f"{name:<14}{kind:<16}{str(shape):<20}{n:>12,}")
+    print(f"{'total':<50}{sum(p.numel() for p in model.parameters()):>12,}")
+
+
 # ----------------------------------------------------------------------------------------
 # 4. Exponential moving average of the weights
 
@@ -699,3 +726,7 @@ class GaussianDiffusion(nn.Module):
 
         return self._sample_loop(shape, seq, step, generator, noise, return_trajectory, progress,
                                  f"DPM-Solver++ {steps}")
+
+
+if __name__ == "__main__":
+    describe(DiffusionModel())  # the default MNIST network

@@ -248,6 +248,7 @@ def sample_from_checkpoint(ckpt, num_samples, sampler, steps, batch_size, device
     num_classes = cfg.get("num_classes")
     guidance = ckpt["args"].get("guidance", 1.0) if guidance is None else guidance
     g = torch.Generator().manual_seed(seed)
+    steps = diffusion.num_timesteps if sampler == "ddpm" else steps  # DDPM always takes all T
     images, labels = [], []
     for i in tqdm(range(0, num_samples, batch_size), desc=f"sampling {common.sampler_label(sampler, steps, eta, spacing)}"):
         n = min(batch_size, num_samples - i)
@@ -425,7 +426,8 @@ def main(args):
         images, requested = sample_from_checkpoint(ckpt, n, args.sampler, args.steps,
                                                    args.batch_size, device, args.seed,
                                                    args.guidance, args.eta, spacing=args.spacing)
-        sampling = {"sampler": common.sampler_label(args.sampler, args.steps, args.eta, args.spacing),
+        steps = ckpt["diffusion"]["timesteps"] if args.sampler == "ddpm" else args.steps
+        sampling = {"sampler": common.sampler_label(args.sampler, steps, args.eta, args.spacing),
                     "sampling_seconds": time.perf_counter() - start}
         if args.save_npz:
             save_npz(images, args.save_npz)

@@ -24,7 +24,7 @@ RESUME_OVERRIDES = {"epochs", "max_steps", "max_minutes", "patience", "min_delta
                     "out_dir", "resume", "compile", "amp", "data_dir", "overwrite"}
 DEFAULT_OUT_DIRS = {"mnist": "runs/mnist", "cifar": "runs/cifar10"}
 # What a run writes into its --out-dir; --overwrite removes exactly these before a new run.
-RUN_FILES = ["last.pt", "best.pt", "metrics.csv", "loss_curve.png", "samples.png"]
+RUN_FILES = ["last.pt", "best.pt", "metrics.csv", "loss_curve.png", "samples.png", "progress.png"]
 RUN_GLOBS = ["samples_epoch*.png", "samples_step*.png", "*.tmp"]
 
 
@@ -233,6 +233,7 @@ class Trainer:
                       "best_val": math.inf, "bad_epochs": 0}
         self.elapsed_before = 0.0  # seconds of training in earlier sessions of a resumed run
         self.rows = []
+        self.progress = {}  # step -> uint8 samples from the same 8 noises: progress.png
         self.stop_requests = []  # filled by the Ctrl-C / SIGTERM handler that train() installs
         if ckpt is not None:
             self.restore(ckpt)
@@ -269,6 +270,7 @@ class Trainer:
                  f"{str(e).splitlines()[0]}")
         self.state.update(ckpt["state"])
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        self.progress = dict(ckpt.get("progress", {}))
         rngs = ckpt["rng"]
         if len(rngs) == self.world and isinstance(rngs[self.rank], dict):
             common.set_rng_state(rngs[self.rank])
@@ -363,6 +365,25 @@ class Trainer:
                                      noise=self.sample_noise, y=self.sample_y, guidance=self.args.guidance)
         common.save_grid(x, path, nrow=8)
 
+    def progress_snapshot(self, last=False):
+        """At steps 25, 50, 100, 200, ... (doubling) and at the end: the EMA model's samples
+        from the same 8 noises, as one more row of progress.png, so a run shows its digits form."""
+        q, r = divmod(self.state["step"], 25)
+        if not last and (r or q & (q - 1)):  # only at 25 * 2^k
+            return
+        step = self.state["step"]
+        self.ema.copy_to(self.ema_model)
+        y = self.sample_y[::8][:8] if self.sample_y is not None else None  # one per class
+        x = self.sampler.ddim_sample((8, *self.sample_noise.shape[1:]), steps=self.args.sample_steps,
+                                     noise=self.sample_noise[:64:8][:8], y=y, guidance=self.args.guidance)
+        self.progress[step] = common.to_uint8(x).cpu()
+        steps = sorted(self.progress)
+        common.image_rows_figure(
+            [common.to_model_range(self.progress[k]) for k in steps], [f"step {k:,}" for k in steps],
+            self.out_dir / "progress.png",
+            f"The same 8 noises sampled with DDIM-{self.args.sample_steps} from the EMA weights "
+            f"as training goes on")
+
     def elapsed(self):
         """Seconds of training in this run, earlier sessions of a resumed run included."""
         return self.elapsed_before + time.time() - self.start
@@ -381,7 +402,8 @@ class Trainer:
                                "prediction": args.prediction},
                  "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.opt.state_dict(), "state": dict(self.state), "rng": rngs,
-                 "elapsed_s": self.elapsed(), "args": plain(args), "num_classes": self.num_classes},
+                 "elapsed_s": self.elapsed(), "progress": self.progress, "args": plain(args),
+                 "num_classes": self.num_classes},
                 path)
 
     def end_of_epoch(self, epoch, train_loss, images_per_s):
@@ -477,6 +499,8 @@ class Trainer:
                 epoch_images += len(x0) * self.world
                 images_per_s = epoch_images / (time.time() - epoch_start)
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:.0f}")
+                if self.main_proc:
+                    self.progress_snapshot()
 
                 # stop: budgets, Ctrl-C and SIGTERM
                 stop = self.stop_reason(self.stop_requests)
@@ -506,7 +530,9 @@ class Trainer:
                 print(f"saved {self.out_dir / 'last.pt'}; continue with --resume {self.out_dir / 'last.pt'}")
             else:
                 self.sample_grid(self.out_dir / "samples.png")
-                print(f"wrote {self.out_dir / 'samples.png'}, last.pt, best.pt, metrics.csv, loss_curve.png")
+                self.progress_snapshot(last=True)
+                print(f"wrote {self.out_dir / 'samples.png'}, progress.png, last.pt, best.pt, "
+                      f"metrics.csv, loss_curve.png")
         if self.world > 1:
             dist.barrier()
             dist.destroy_process_group()

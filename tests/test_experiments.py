@@ -150,7 +150,7 @@ def test_timestep_analysis_end_to_end(setup, tmp_path):
          "--vlb-images", "4", "--trajectory-samples", "2", "--snapshots", "4", "--device", "cpu",
          "--out-dir", str(out), "--data-dir", str(root / "data")]))
     for f in ("forward_process.png", "schedules.png", "loss_per_timestep.png", "vlb_terms.png",
-              "trajectory.png", "trajectory.gif", "analysis.json"):
+              "trajectory.png", "trajectory.gif", "ddim_eta.png", "analysis.json"):
         assert (out / f).is_file(), f
     v = report["vlb"]
     assert v["bits_per_dim"] > 0 and v["prior_bpd"] >= 0 and v["decoder_bpd"] >= 0
@@ -160,3 +160,19 @@ def test_timestep_analysis_end_to_end(setup, tmp_path):
     r = timestep_analysis.main(timestep_analysis.parse_args(["--out-dir", str(tmp_path / "n"), "--data-dir",
                                                              str(root / "data")]))
     assert "vlb" not in r and (tmp_path / "n" / "schedules.png").is_file()
+
+
+def test_loss_per_timestep_is_the_training_loss(setup):
+    """The curve shows the quantity the model was trained on: at each t it equals the model's
+    own loss (v-prediction here) with the same images, timestep and noise."""
+    import common
+    ckpt = common.load_checkpoint(setup / "u" / "last.pt")
+    _, d, _ = common.model_from_checkpoint(ckpt, "cpu")
+    assert d.prediction == "v"
+    x0 = torch.rand(6, 1, 28, 28) * 2 - 1
+    ts, losses = timestep_analysis.loss_per_timestep(d, x0, 3, seed=4)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+    for t, value in zip(ts, losses):
+        with torch.no_grad():
+            expected = d.loss(x0, t=torch.full((6,), t), noise=noise, p_uncond=0.0).item()
+        assert value == pytest.approx(expected, rel=1e-5)

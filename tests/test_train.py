@@ -37,7 +37,7 @@ def test_end_to_end_writes_every_output(mnist_dir):
     out = mnist_dir / "out"
     assert state["epoch"] == 2 and state["step"] == 2 * (80 // 16)
     for name in ("last.pt", "best.pt", "metrics.csv", "loss_curve.png", "samples_epoch001.png",
-                 "samples_epoch002.png", "samples.png"):
+                 "samples_epoch002.png", "samples.png", "progress.png"):
         assert (out / name).is_file(), name
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -292,3 +292,24 @@ def test_memory_format_is_nchw_only_for_cpu_bf16():
     assert common.memory_format(cpu, bf16=True) == torch.contiguous_format
     assert common.memory_format(cpu, bf16=False) == torch.channels_last
     assert common.memory_format(cuda, bf16=True) == torch.channels_last
+
+
+def test_progress_rows_at_doubling_steps_survive_a_resume(mnist_dir):
+    run(mnist_dir, "--max-steps", "60", "--epochs", "20")
+    last = mnist_dir / "out" / "last.pt"
+    assert sorted(torch.load(last, weights_only=True)["progress"]) == [25, 50]
+    train_diffusion.main(train_diffusion.parse_args(["--resume", str(last), "--max-steps", "100",
+                                                     "--epochs", "20", "--device", "cpu",
+                                                     "--data-dir", str(mnist_dir / "data")]))
+    progress = torch.load(last, weights_only=True)["progress"]
+    assert sorted(progress) == [25, 50, 100]
+    assert progress[100].shape == (8, 1, 28, 28) and progress[100].dtype == torch.uint8
+    # one labelled row per snapshot
+    assert Image.open(mnist_dir / "out" / "progress.png").size[1] > 3 * 28
+
+
+def test_python_diffusion_prints_the_unet(capsys):
+    diffusion.describe(diffusion.DiffusionModel())
+    out = capsys.readouterr().out
+    assert "downs[0]" in out and "(16, 14, 14)" in out and "bottleneck" in out and "(64, 7, 7)" in out
+    assert "557,697" in out  # the total parameter count of the default network
