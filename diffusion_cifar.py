@@ -351,8 +351,8 @@ def cosine_alphas_cumprod(timesteps, s=0.008):
 
 def cosine_beta_schedule(timesteps, s=0.008):
     """Nichol & Dhariwal Sec. 3.2: beta_t = 1 - alpha-bar_t / alpha-bar_{t-1}, clipped at 0.999."""
-    abar = cosine_alphas_cumprod(timesteps, s)
-    return np.clip(1 - abar[1:] / abar[:-1], 0, 0.999)
+    alphas_cumprod = cosine_alphas_cumprod(timesteps, s)
+    return np.clip(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], 0, 0.999)
 
 
 PREDICTIONS = ("eps", "v")  # what the network is trained to output

@@ -158,10 +158,10 @@ def schedules_figure(T, path):
     t = np.arange(T)
     for schedule in ("linear", "cosine"):
         d = mnist_module.GaussianDiffusion(lambda x, t: x, T, schedule)
-        abar = d.alphas_cumprod.double().numpy()
+        alphas_cumprod = d.alphas_cumprod_f64
         axes[0].plot(t, d.betas.numpy(), label=schedule)
-        axes[1].plot(t, abar, label=schedule)
-        axes[2].plot(t, np.log(abar / (1 - abar)), label=schedule)  # log SNR = log(abar / (1 - abar))
+        axes[1].plot(t, alphas_cumprod, label=schedule)
+        axes[2].plot(t, np.log(alphas_cumprod / (1 - alphas_cumprod)), label=schedule)  # log SNR
     for ax, title in zip(axes, ("beta_t", "alpha-bar_t", "log SNR = log(alpha-bar / (1 - alpha-bar))")):
         ax.set_title(title)
         ax.set_xlabel("t")
