@@ -13,7 +13,6 @@ Each writes a PNG grid and an animated GIF under --out-dir.
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 

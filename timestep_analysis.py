@@ -17,7 +17,6 @@ for a tight error bar).
 import argparse
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch

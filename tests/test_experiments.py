@@ -10,26 +10,14 @@ import torch
 
 import ddim_compare
 import diffusion
-import evaluate
 import interpolate
 import timestep_analysis
-import train_diffusion
-from helpers import OneImageDenoiser, write_mnist
+from helpers import OneImageDenoiser
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Tiny data, a classifier, an unconditional and a conditional checkpoint (T = 20)."""
-    root = tmp_path_factory.mktemp("exp")
-    write_mnist(root / "data", n_train=96, n_test=40)
-    evaluate.main(evaluate.parse_args(["train-classifier", "--data-dir", str(root / "data"), "--epochs", "1",
-                                       "--out", str(root / "clf.pt"), "--device", "cpu"]))
-    common_args = ["--hidden-dims", "8", "16", "16", "--time-dim", "16", "--batch-size", "16", "--val-size", "16",
-                   "--timesteps", "20", "--sample-steps", "4", "--device", "cpu", "--epochs", "1",
-                   "--data-dir", str(root / "data")]
-    train_diffusion.main(train_diffusion.parse_args([*common_args, "--out-dir", str(root / "u")]))
-    train_diffusion.main(train_diffusion.parse_args([*common_args, "--class-cond", "--out-dir", str(root / "c")]))
-    return root
+@pytest.fixture
+def setup(tiny_runs):
+    return tiny_runs
 
 
 def test_ddim_compare_writes_everything(setup, tmp_path):

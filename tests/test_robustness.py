@@ -41,16 +41,9 @@ def mnist(tmp_path):
     return tmp_path
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Tiny data, a classifier, and unconditional and conditional checkpoints (T = 20)."""
-    root = tmp_path_factory.mktemp("robust")
-    write_mnist(root / "data", n_train=96, n_test=40)
-    evaluate.main(evaluate.parse_args(["train-classifier", "--data-dir", str(root / "data"), "--epochs", "1",
-                                       "--out", str(root / "clf.pt"), "--device", "cpu"]))
-    train(root, "--max-steps", "2", out="u")
-    train(root, "--max-steps", "2", "--class-cond", out="c")
-    return root
+@pytest.fixture
+def trained(tiny_runs):
+    return tiny_runs
 
 
 def interrupt_at_call(monkeypatch, n, sig=signal.SIGINT):
