@@ -5,6 +5,9 @@ Training: images/s of full optimizer steps (forward, backward, AdamW, EMA) and p
 CIFAR preset.
 Sampling: images/s for DDPM (1000 steps) and DDIM (10 and 50 steps) at several batch sizes.
 Each figure is the median of --repeats timed runs after a warm-up run.
+Against the machine's limit: the FLOPs of a training step and of a forward pass are counted
+(torch.utils.flop_counter), so each row also shows its achieved GFLOP/s, beside the GFLOP/s of
+one large matrix multiply in the same precision, the most this device does on one kernel.
 """
 
 import argparse
@@ -50,6 +53,24 @@ def median_time(fn, device, repeats):
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def count_flops(fn):
+    """Floating-point operations that fn() performs in torch ops (matmuls and convolutions: a
+    multiply-add counts 2), by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak_gflops(device, bf16, n=2048, repeats=5):
+    """GFLOP/s of an n x n by n x n matrix multiply: the practical peak of this device."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = median_time(lambda: a @ b, device, repeats)
+    return 2 * n ** 3 / seconds / 1e9
 
 
 def rss_mb():
@@ -121,9 +142,11 @@ def bench_training(name, module, config, schedule, batch, device, args):
             ema.update(model)
 
     seconds, peak = with_peak_memory(lambda: median_time(steps, device, args.repeats), device)
+    flops = count_flops(steps) / (batch * args.train_steps)  # forward + backward, per image
+    images_per_s = batch * args.train_steps / seconds
     return {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-            "task": "train", "batch": batch, "images_per_s": batch * args.train_steps / seconds,
-            "peak_mem_mb": peak}
+            "task": "train", "batch": batch, "images_per_s": images_per_s,
+            "gflop_per_image": flops / 1e9, "gflops": flops * images_per_s / 1e9, "peak_mem_mb": peak}
 
 
 def bench_sampling(name, module, config, schedule, sampler, steps, batch, device, args):
@@ -194,18 +217,21 @@ def bench_forward(name, module, config, batch, device, args):
     def forward():
         model(x, t)
 
-    return {"model": name, "task": "forward", "batch": batch,
-            "images_per_s": batch / median_time(forward, device, args.repeats)}
+    images_per_s = batch / median_time(forward, device, args.repeats)
+    flops = count_flops(forward) / batch
+    return {"model": name, "task": "forward", "batch": batch, "images_per_s": images_per_s,
+            "gflop_per_image": flops / 1e9, "gflops": flops * images_per_s / 1e9}
 
 
 def markdown(rows, header):
-    cols = ["model", "params_m", "task", "batch", "images_per_s", "peak_mem_mb"]
+    cols = ["model", "params_m", "task", "batch", "images_per_s", "gflop_per_image", "gflops",
+            "percent_of_peak", "peak_mem_mb"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
         for c in cols:
             v = r.get(c, "")
-            cells.append(f"{v:.1f}" if isinstance(v, float) else str(v))
+            cells.append((f"{v:.3f}" if c == "gflop_per_image" else f"{v:.1f}") if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -246,7 +272,8 @@ def main(args):
         common.fail("batch sizes, --train-steps, --repeats and --ddpm-probe must be at least 1")
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-           "amp": args.amp, "compile": args.compile}
+           "amp": args.amp, "compile": args.compile,
+           "matmul_peak_gflops": round(matmul_peak_gflops(device, args.amp == "bf16"), 1)}
     header = ", ".join(f"{k} {v}" for k, v in env.items())
     print(header)
     rows = []
@@ -261,6 +288,9 @@ def main(args):
                 print(rows[-1])
     if args.baseline:
         rows += bench_diffusers_baseline(args.train_batch, device, args)
+    for r in rows:
+        if "gflops" in r:
+            r["percent_of_peak"] = 100 * r["gflops"] / env["matmul_peak_gflops"]
     table = markdown(rows, header)
     print("\n" + table)
     result = {"env": env, "rows": rows}

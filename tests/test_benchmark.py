@@ -16,7 +16,12 @@ def test_benchmark_reports_every_row(tmp_path):
     assert all(r["images_per_s"] > 0 for r in out["rows"])
     train = out["rows"][0]
     assert train["params_m"] == 0.56 and train["peak_mem_mb"] > 0 and train["batch"] == 4
-    assert set(out["env"]) >= {"torch", "threads", "device"}
+    assert set(out["env"]) >= {"torch", "threads", "device"} and out["env"]["matmul_peak_gflops"] > 0
+    for r in out["rows"][:2]:  # train and forward: achieved GFLOP/s = FLOPs per image x images/s
+        assert r["gflops"] == pytest.approx(r["gflop_per_image"] * r["images_per_s"])
+        assert r["percent_of_peak"] == pytest.approx(100 * r["gflops"] / out["env"]["matmul_peak_gflops"])
+    # a training step costs about three forward passes (backward ~ 2x forward)
+    assert 2.5 < out["rows"][0]["gflop_per_image"] / out["rows"][1]["gflop_per_image"] < 3.5
     assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["task"] == "train"
     assert "| model |" in (tmp_path / "benchmark.md").read_text()
 
@@ -26,3 +31,13 @@ def test_benchmark_bad_arguments():
         benchmark.main(benchmark.parse_args(["--models", "imagenet", "--device", "cpu"]))
     with pytest.raises(SystemExit, match="at least 1"):
         benchmark.main(benchmark.parse_args(["--repeats", "0", "--device", "cpu"]))
+
+
+def test_flop_counter_against_closed_forms():
+    import torch
+    a, b = torch.randn(8, 16), torch.randn(16, 32)
+    assert benchmark.count_flops(lambda: a @ b) == 2 * 8 * 16 * 32
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        assert benchmark.count_flops(lambda: conv(x)) == 2 * 2 * 4 * 10 * 10 * 3 * 3 * 3
