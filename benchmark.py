@@ -237,13 +237,13 @@ def markdown(rows, header):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller run: under a minute on 2 CPU cores")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 256],
                    help="sampling batch sizes")
-    p.add_argument("--train-batch", type=int, default=128)
+    p.add_argument("--train-batch", type=int, default=128, help="batch size of the training and forward rows")
     p.add_argument("--train-steps", type=int, default=3, help="optimizer steps per timed run")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is reported")
     p.add_argument("--models", nargs="+", default=None,
                    help="which models: mnist, cifar-ddpm, cifar-small, cifar-tiny (default: all)")
     p.add_argument("--no-sampling", action="store_true", help="time training and forward only")
@@ -252,11 +252,11 @@ def parse_args(argv=None):
     p.add_argument("--full-ddpm", action="store_true", help="time all 1000 DDPM steps")
     p.add_argument("--baseline", action="store_true",
                    help="also time the diffusers UNet2DModel of the same widths, if installed")
-    p.add_argument("--amp", choices=["none", "bf16"], default="none")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="precision: none (float32) or bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network for the training rows")
     p.add_argument("--json", default=None, help="write the rows here as JSON")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out-dir", default=None, help="also write benchmark.md and benchmark.json here")
     return p.parse_args(argv)
 

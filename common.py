@@ -6,6 +6,7 @@ Sections: 1. errors, checks and devices, 2. data sets, 3. checkpoints, 4. sampli
 pictures and metrics. The training loop is in training.py.
 """
 
+import argparse
 import csv
 import gzip
 import math
@@ -26,6 +27,17 @@ import torch
 def fail(message):
     """Stop with a clear message and exit status 1: for bad input, never for bugs."""
     raise SystemExit(f"error: {message}")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps each script's docstring as written and shows every default as it is used,
+    unless the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 def pick_device(name="auto"):

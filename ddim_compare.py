@@ -21,7 +21,7 @@ import evaluate
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint from either training script")
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 200, 1000],
                    help="DDIM step counts")
@@ -33,8 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--distance-samples", type=int, default=64,
                    help="how many of the samples (the first ones) are also drawn with DDIM over all "
                         "T steps, the reference for the distance column; 0 skips it")
-    p.add_argument("--num-samples", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--num-samples", type=int, default=500, help="images per setting, from the same initial noise")
+    p.add_argument("--batch-size", type=int, default=250, help="images per sampler call")
     p.add_argument("--class", dest="class_id", type=int, default=None,
                    help="conditional models: sample only this class (default: all, in turn)")
     p.add_argument("--guidance", type=float, default=None, help="default: the training setting")
@@ -42,9 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--classifier", default=None, help="evaluate.py's feature network")
     p.add_argument("--data-dir", default="./data", help="for CIFAR-10 FID reference statistics")
     p.add_argument("--save-npz", action="store_true", help="save each setting's samples as .npz")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="runs/ddim_compare")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out-dir", default="runs/ddim_compare", help="where the figures, results.csv and results.json go")
     return p.parse_args(argv)
 
 

@@ -347,23 +347,24 @@ def print_report(report):
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-classifier"]:
-        p = argparse.ArgumentParser(description="Train the FID feature network for MNIST-like data.")
-        p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
-        p.add_argument("--data-dir", default="./data")
-        p.add_argument("--epochs", type=int, default=3)
+        p = argparse.ArgumentParser(description="Train the FID feature network for MNIST-like data.",
+                                    formatter_class=common.HelpFormatter)
+        p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist", help="the data set the classifier learns")
+        p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded")
+        p.add_argument("--epochs", type=int, default=3, help="training epochs (40 for the figures in RESULTS.md)")
         p.add_argument("--out", default=None, help="default runs/classifiers/<dataset>.pt")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+        p.add_argument("--seed", type=int, default=0, help="random seed")
         args = p.parse_args(argv[1:])
         args.command = "train-classifier"
         return args
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="an .npz (arr_0: uint8 N x H x W x C) or a folder of PNGs")
     src.add_argument("--checkpoint", help="draw samples from this checkpoint's EMA weights")
     p.add_argument("--dataset", choices=sorted(SHAPES), default=None,
                    help="what the samples imitate (default: from the checkpoint, else mnist)")
-    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded")
     p.add_argument("--classifier", default=None, help="default runs/classifiers/<dataset>.pt")
     p.add_argument("--sampler", choices=common.SAMPLERS, default="ddim",
                    help="ddpm: all T steps; ddim: --steps with --eta; dpm++: DPM-Solver++(2M), "
@@ -377,11 +378,11 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=None, help="default: the training setting")
     p.add_argument("--num-samples", type=int, default=None,
                    help="samples to draw (default 50000 for CIFAR-10, 10000 otherwise)")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=250, help="images per sampler call")
     p.add_argument("--save-npz", default=None, help="also save the drawn samples here")
     p.add_argument("--json", default=None, help="write the report here as JSON")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out-dir", default=None, help="also write report.json into this folder")
     args = p.parse_args(argv)
     args.command = "evaluate"

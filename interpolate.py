@@ -34,9 +34,9 @@ def lerp(a, b, w):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--mode", choices=["noise", "images", "classes", "all"], default="all")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint from either training script")
+    p.add_argument("--mode", choices=["noise", "images", "classes", "all"], default="all", help="which experiment (all: noise, images, and classes if conditional)")
     p.add_argument("--frames", type=int, default=9, help="points along each path, ends included")
     p.add_argument("--steps", type=int, default=50, help="sampling steps for decoding and inversion")
     p.add_argument("--sampler", choices=["ddim", "dpm++"], default="ddim",
@@ -47,10 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--indices", type=int, nargs=2, default=[0, 1],
                    help="which test images to join (mode images)")
     p.add_argument("--classes", type=int, nargs=2, default=[1, 7], help="mode classes")
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="runs/interpolate")
+    p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out-dir", default="runs/interpolate", help="where the PNGs and GIFs go")
     return p.parse_args(argv)
 
 

@@ -29,26 +29,26 @@ FORWARD_TIMES = [0, 50, 100, 250, 500, 750, 999]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--checkpoint", default=None, help="a checkpoint from either training script")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's, else mnist")
-    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded")
     p.add_argument("--index", type=int, default=0, help="test image shown in forward_process.png")
     p.add_argument("--loss-images", type=int, default=256, help="test images for the loss curve")
     p.add_argument("--loss-points", type=int, default=50, help="timesteps on the loss curve")
-    p.add_argument("--vlb-images", type=int, default=32, help="test images for the bound (%(default)s)")
+    p.add_argument("--vlb-images", type=int, default=32, help="test images for the bound")
     p.add_argument("--vlb-stride", type=int, default=10,
                    help="evaluate every k-th KL term and scale by k: an unbiased estimate for "
-                        "k > 1, the exact sum for k = 1 (%(default)s)")
+                        "k > 1, the exact sum for k = 1")
     p.add_argument("--vlb-variance", choices=["posterior", "beta"], default="posterior",
                    help="the reverse-process variance sigma_t^2: beta-tilde_t or beta_t (DDPM Sec. 3.2)")
     p.add_argument("--trajectory-sampler", choices=["ddpm", "ddim"], default="ddpm",
-                   help="the sampler of trajectory.png (%(default)s)")
-    p.add_argument("--trajectory-samples", type=int, default=4)
+                   help="the sampler of trajectory.png")
+    p.add_argument("--trajectory-samples", type=int, default=4, help="samples in trajectory.png")
     p.add_argument("--snapshots", type=int, default=10, help="columns in trajectory.png")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="runs/timestep_analysis")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out-dir", default="runs/timestep_analysis", help="where the figures and analysis.json go")
     return p.parse_args(argv)
 
 

@@ -1,6 +1,6 @@
 """Train the MNIST diffusion model (diffusion.py). Example: python train_diffusion.py --max-minutes 10
 
-Writes last.pt, best.pt, metrics.csv, loss_curve.png, samples_epochNNN.png and samples.png
+Writes last.pt, best.pt, metrics.csv, loss_curve.png, progress.png, samples_epochNNN.png and samples.png
 under --out-dir. The defaults below (shown as this script uses them) give digits after 10
 minutes on a 2-core CPU; they depart from the DDPM paper in four places, each named in the
 README: the cosine schedule, v-prediction, training timesteps with density ~ t (--t-power 2),
@@ -15,15 +15,15 @@ import training
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--dataset", default="mnist",
-                   help="mnist, fashion-mnist, or a folder of images (your own data set) (%(default)s)")
+                   help="mnist, fashion-mnist, or a folder of images (your own data set)")
     p.add_argument("--image-size", type=int, default=28,
-                   help="images are resized to this (folders) (%(default)s)")
+                   help="images are resized to this (folders)")
     p.add_argument("--hidden-dims", type=int, nargs="+", default=[16, 32, 64],
-                   help="U-Net width at each resolution, 28 -> 14 -> 7 (%(default)s)")
+                   help="U-Net width at each resolution, 28 -> 14 -> 7")
     p.add_argument("--time-dim", type=int, default=128,
-                   help="width of the time embedding, even (%(default)s)")
+                   help="width of the time embedding, even")
     training.add_training_args(p, "mnist")
     # defaults chosen for "digits in 10 minutes on 2 CPU cores" (README, Results); the same
     # settings keep improving with longer runs (20 CPU minutes: 85.6% confident samples)

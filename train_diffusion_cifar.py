@@ -16,11 +16,11 @@ import training
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="cifar10", help="cifar10, or a folder of images (RGB) (%(default)s)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p.add_argument("--dataset", default="cifar10", help="cifar10, or a folder of images (RGB)")
     p.add_argument("--preset", choices=sorted(diffusion_cifar.PRESETS), default="small",
-                   help="network size: ddpm is the paper's 35.7M network (%(default)s)")
-    p.add_argument("--image-size", type=int, default=32, help="images are resized to this (folders) (%(default)s)")
+                   help="network size: ddpm is the paper's 35.7M network")
+    p.add_argument("--image-size", type=int, default=32, help="images are resized to this (folders)")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     p.add_argument("--no-flip", action="store_true", help="turn off random horizontal flips")
     training.add_training_args(p, "cifar")

@@ -34,55 +34,55 @@ RUN_GLOBS = ["samples_epoch*.png", "samples_step*.png", "*.tmp"]
 
 def add_training_args(p, kind):
     """The options both training scripts share. Each script then sets its own defaults, and
-    argparse's %(default)s shows them in --help as the script will use them."""
+    --help shows them as the script will use them (common.HelpFormatter)."""
     a = p.add_argument
     a("--out-dir", default=None,
       help=f"where the run is written (default {DEFAULT_OUT_DIRS[kind]}, or with --resume the "
            f"checkpoint's own folder)")
     a("--overwrite", action="store_true",
       help="replace a run that is already in --out-dir (by default that is refused)")
-    a("--data-dir", default="./data", help="where data sets are found or downloaded (%(default)s)")
-    a("--val-size", type=int, default=1000, help="held-out images for the validation loss (%(default)s)")
-    a("--epochs", type=int, default=100, help="most epochs to train (%(default)s)")
+    a("--data-dir", default="./data", help="where data sets are found or downloaded")
+    a("--val-size", type=int, default=1000, help="held-out images for the validation loss")
+    a("--epochs", type=int, default=100, help="most epochs to train")
     a("--max-steps", type=int, default=None, help="most optimizer steps to train in all")
     a("--max-minutes", type=float, default=None,
       help="wall-clock budget for the whole run, minutes; a resumed run counts its earlier time")
-    a("--batch-size", type=int, default=128, help="images per optimizer step (%(default)s)")
-    a("--lr", type=float, default=2e-4, help="peak learning rate of AdamW (%(default)s)")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (%(default)s)")
-    a("--warmup", type=int, default=500, help="linear learning-rate warmup, in steps (%(default)s)")
+    a("--batch-size", type=int, default=128, help="images per optimizer step")
+    a("--lr", type=float, default=2e-4, help="peak learning rate of AdamW")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--warmup", type=int, default=500, help="linear learning-rate warmup, in steps")
     a("--lr-schedule", choices=["constant", "cosine"], default="constant",
       help="after warmup: constant, or cosine decay to 0 over --epochs or --max-minutes, "
-           "whichever runs out first (%(default)s)")
-    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (%(default)s)")
+           "whichever runs out first")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     a("--ema-decay", type=float, default=0.9999,
-      help="EMA decay of the weights, reached after a warmup (%(default)s)")
+      help="EMA decay of the weights, reached after a warmup")
     a("--schedule", choices=["linear", "cosine"], default="linear",
-      help="the noise schedule beta_t: DDPM's linear one or Nichol & Dhariwal's cosine (%(default)s)")
+      help="the noise schedule beta_t: DDPM's linear one or Nichol & Dhariwal's cosine")
     a("--prediction", choices=["eps", "v"], default="eps",
       help="what the network outputs: the noise eps (DDPM) or the velocity v (Salimans & Ho) "
-           "(%(default)s)")
-    a("--timesteps", type=int, default=1000, help="T, the number of diffusion steps (%(default)s)")
+          )
+    a("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
     a("--t-power", type=float, default=1.0,
       help="training timesteps t are drawn with density proportional to t^(power - 1): 1 is "
            "DDPM's uniform t, 2 a density rising linearly with t, which trains the noisy steps "
-           "more (%(default)s)")
+           "more")
     a("--class-cond", action="store_true", help="train a class-conditional model")
     a("--p-uncond", type=float, default=0.1,
-      help="label dropout for classifier-free guidance (%(default)s)")
+      help="label dropout for classifier-free guidance")
     a("--guidance", type=float, default=2.0,
-      help="classifier-free guidance scale for the sample grids (%(default)s)")
+      help="classifier-free guidance scale for the sample grids")
     a("--patience", type=int, default=5,
-      help="epochs without a validation improvement before stopping (%(default)s)")
+      help="epochs without a validation improvement before stopping")
     a("--min-delta", type=float, default=1e-4,
-      help="smallest validation-loss drop that counts as an improvement (%(default)s)")
-    a("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids (%(default)s)")
+      help="smallest validation-loss drop that counts as an improvement")
+    a("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids")
     a("--compile", action="store_true", help="torch.compile the network (slow start, faster steps)")
     a("--amp", choices=["auto", "none", "bf16"], default="auto",
       help="bfloat16 autocast for training steps; auto: on where the hardware has fast bf16, "
-           "none: float32 (%(default)s)")
+           "none: float32")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    a("--seed", type=int, default=0, help="random seed (%(default)s)")
+    a("--seed", type=int, default=0, help="random seed")
     a("--resume", default=None, help="continue from this last.pt (or best.pt)")
 
 
