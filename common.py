@@ -278,11 +278,13 @@ def load_image_folder(path, image_size, channels):
         fail(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
     classes = sorted({p.parent.relative_to(root).as_posix() for p in files})
     images = np.empty((len(files), channels, image_size, image_size), np.uint8)
-    for i, p in enumerate(files):
+    from tqdm.auto import tqdm
+    for i, p in enumerate(tqdm(files, desc=f"reading {root.name}", disable=len(files) < 5000)):
         try:
             with Image.open(p) as im:
                 im = to_8bit(im).convert("L" if channels == 1 else "RGB")
-                im = im.resize((image_size, image_size), Image.BICUBIC)
+                if im.size != (image_size, image_size):
+                    im = im.resize((image_size, image_size), Image.BICUBIC)
         except (OSError, UnidentifiedImageError) as e:
             fail(f"could not read image {p}: {e}")
         a = np.asarray(im, np.uint8)
