@@ -597,7 +597,10 @@ class GaussianDiffusion(nn.Module):
         if variance not in ("posterior", "beta"):
             raise ValueError(f"variance must be 'posterior' or 'beta', got {variance!r}")
         seq = list(range(self.num_timesteps - 1, -1, -1))
-        step = lambda x, i: self.ddpm_step(x, seq[i], y, guidance, clip_x0, variance, generator)
+
+        def step(x, i):
+            return self.ddpm_step(x, seq[i], y, guidance, clip_x0, variance, generator)
+
         return self._sample_loop(shape, seq, step, generator, noise, return_trajectory, progress, "DDPM")
 
     # -- DDIM ------------------------------------------------------------------------------
