@@ -307,7 +307,7 @@ def test_dpm_solver_beats_ddim_on_the_exact_gaussian_ode(D, schedule, prediction
         assert errors[steps][1] <= 0.5 * errors[steps][0], errors
         # where it evaluates matters as much as its order: on DDIM's evenly spaced t the same
         # solver is several times worse than on timesteps evenly spaced in log-SNR
-        assert errors[steps][1] < errors[steps][2] / 4, errors
+        assert errors[steps][1] < errors[steps][2] / 2.5, errors
 
 
 def test_dpm_solver_is_deterministic_and_its_first_step_is_ddim(D):
