@@ -205,14 +205,12 @@ class Trainer:
     """
 
     def __init__(self, args, kind, module, model_config, data, augment=None, ckpt=None):
-        self.args, self.kind, self.module, self.augment = args, kind, module, augment
+        self.args, self.kind, self.augment = args, kind, augment
         self.model_config, self.num_classes = model_config, data.num_classes
         self.rank, self.world, self.device = setup_distributed(args.device)
         common.configure_backends(self.device)
         self.main_proc = self.rank == 0
         self.out_dir = Path(args.out_dir)
-        if self.main_proc and args.overwrite and not args.resume:
-            self.remove_old_run()
 
         # -- the model, its process, EMA and optimizer (same initial weights on every rank)
         torch.manual_seed(args.seed)
@@ -250,6 +248,8 @@ class Trainer:
         self.diffusion = module.GaussianDiffusion(train_model, args.timesteps, args.schedule,
                                                   args.prediction).to(self.device)
         self.setup_data(data)
+        if self.main_proc and args.overwrite and not args.resume:  # every check has passed
+            self.remove_old_run()
 
     def remove_old_run(self):
         """--overwrite: delete the files an earlier run wrote here, and only those."""
