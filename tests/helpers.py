@@ -8,6 +8,13 @@ from pathlib import Path
 import numpy as np
 
 
+def tiny_mnist_args(timesteps=50, sample_steps=5):
+    """train_diffusion.py arguments for a network small enough to train in a second."""
+    return ["--hidden-dims", "8", "16", "16", "--time-dim", "16", "--batch-size", "16",
+            "--val-size", "16", "--timesteps", str(timesteps), "--sample-steps", str(sample_steps),
+            "--device", "cpu", "--warmup", "2"]
+
+
 def write_idx(path, array, compress=True):
     """Write a uint8 array as an IDX file (the MNIST format), optionally gzipped."""
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)

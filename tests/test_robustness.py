@@ -17,11 +17,9 @@ import diffusion
 import evaluate
 import interpolate
 import train_diffusion
-from helpers import write_cifar10, write_idx, write_mnist
+from helpers import tiny_mnist_args, write_cifar10, write_idx, write_mnist
 
-TINY = ["--hidden-dims", "8", "16", "16", "--time-dim", "16", "--batch-size", "16",
-        "--val-size", "16", "--timesteps", "20", "--sample-steps", "4", "--device", "cpu",
-        "--warmup", "2"]
+TINY = tiny_mnist_args(timesteps=20, sample_steps=4)
 
 
 def train(root, *extra, out="out"):

@@ -13,11 +13,9 @@ import common
 import training
 import diffusion
 import train_diffusion
-from helpers import write_idx, write_image_folder, write_mnist
+from helpers import tiny_mnist_args, write_idx, write_image_folder, write_mnist
 
-TINY = ["--hidden-dims", "8", "16", "16", "--time-dim", "16", "--batch-size", "16",
-        "--val-size", "16", "--timesteps", "50", "--sample-steps", "5", "--device", "cpu",
-        "--warmup", "2"]
+TINY = tiny_mnist_args(timesteps=50, sample_steps=5)
 
 
 def run(tmp_path, *extra, out="out"):
