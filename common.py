@@ -501,13 +501,18 @@ def image_rows_figure(rows, labels, path, title=None, extra=None):
     plt.close(fig)
 
 
-def plot_loss_curve(rows, path, prediction="eps"):
-    """Train and validation loss per epoch, from the metrics.csv rows."""
+def plot_loss_curve(rows, path, prediction="eps", train_log=None):
+    """Validation loss per epoch (metrics.csv rows) and the training loss, either per epoch or,
+    from train_log = {step: smoothed loss}, every few dozen steps."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["train_loss"] for r in rows], "o-", label="train")
-    ax.plot(steps, [r["val_loss"] for r in rows], "s-", label="validation (fixed t, noise)")
+    if train_log:
+        steps = sorted(train_log)
+        ax.plot(steps, [train_log[k] for k in steps], "-", label="train (smoothed)")
+    else:
+        ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], "o-", label="train")
+    ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], "s-",
+            label="validation (EMA weights, fixed t and noise)")
     ax.set_xlabel("step")
     ax.set_ylabel(f"MSE of the predicted {'noise eps' if prediction == 'eps' else 'velocity v'}")
     ax.set_yscale("log")

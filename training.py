@@ -23,6 +23,7 @@ from common import fail
 RESUME_OVERRIDES = {"epochs", "max_steps", "max_minutes", "patience", "min_delta", "device",
                     "out_dir", "resume", "compile", "amp", "data_dir", "overwrite"}
 DEFAULT_OUT_DIRS = {"mnist": "runs/mnist", "cifar": "runs/cifar10"}
+LOG_EVERY = 25  # steps between points of the smoothed training loss in loss_curve.png
 # What a run writes into its --out-dir; --overwrite removes exactly these before a new run.
 RUN_FILES = ["last.pt", "best.pt", "metrics.csv", "loss_curve.png", "samples.png", "progress.png"]
 RUN_GLOBS = ["samples_epoch*.png", "samples_step*.png", "*.tmp"]
@@ -232,6 +233,8 @@ class Trainer:
         self.elapsed_before = 0.0  # seconds of training in earlier sessions of a resumed run
         self.rows = []
         self.progress = {}  # step -> uint8 samples from the same 8 noises: progress.png
+        self.train_log = {}  # step -> training loss, smoothed, every LOG_EVERY steps
+        self.smoothed_loss = None
         self.stop_requests = []  # filled by the Ctrl-C / SIGTERM handler that train() installs
         if ckpt is not None:
             self.restore(ckpt)
@@ -271,6 +274,8 @@ class Trainer:
         self.state.update(ckpt["state"])
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
         self.progress = dict(ckpt.get("progress", {}))
+        self.train_log = dict(ckpt.get("train_log", {}))
+        self.smoothed_loss = ckpt.get("smoothed_loss")
         rngs = ckpt["rng"]
         if len(rngs) == self.world and isinstance(rngs[self.rank], dict):
             common.set_rng_state(rngs[self.rank])
@@ -384,6 +389,14 @@ class Trainer:
             f"The same 8 noises sampled with DDIM-{self.args.sample_steps} from the EMA weights "
             f"as training goes on")
 
+    def log_loss(self, loss):
+        """An exponential moving average of the training loss (weight 0.05 per step), kept every
+        LOG_EVERY steps: a readable curve after minutes, where per-epoch points are too few."""
+        a = 0.05
+        self.smoothed_loss = loss if self.smoothed_loss is None else (1 - a) * self.smoothed_loss + a * loss
+        if self.state["step"] % LOG_EVERY == 0:
+            self.train_log[self.state["step"]] = self.smoothed_loss
+
     def elapsed(self):
         """Seconds of training in this run, earlier sessions of a resumed run included."""
         return self.elapsed_before + time.time() - self.start
@@ -402,7 +415,8 @@ class Trainer:
                                "prediction": args.prediction},
                  "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.opt.state_dict(), "state": dict(self.state), "rng": rngs,
-                 "elapsed_s": self.elapsed(), "progress": self.progress, "args": plain(args),
+                 "elapsed_s": self.elapsed(), "progress": self.progress, "train_log": self.train_log,
+                 "smoothed_loss": self.smoothed_loss, "args": plain(args),
                  "num_classes": self.num_classes},
                 path)
 
@@ -423,7 +437,8 @@ class Trainer:
                           "images_per_s": images_per_s, "elapsed_s": self.elapsed()})
         if self.main_proc:
             common.write_metrics(self.rows, out_dir / "metrics.csv")
-            common.plot_loss_curve(self.rows, out_dir / "loss_curve.png", self.args.prediction)
+            common.plot_loss_curve(self.rows, out_dir / "loss_curve.png", self.args.prediction,
+                                   self.train_log)
             self.sample_grid(out_dir / f"samples_epoch{math.ceil(epoch):03d}.png")
             print(f"epoch {epoch:g} step {state['step']}: train {train_loss:.4f} "
                   f"val {val:.4f}{' (best)' if improved else ''} {images_per_s:.0f} img/s")
@@ -496,6 +511,7 @@ class Trainer:
                 state["batch_in_epoch"] = b + 1
                 state["loss_sum"] += loss.item()
                 state["loss_count"] += 1
+                self.log_loss(loss.item())
                 epoch_images += len(x0) * self.world
                 images_per_s = epoch_images / (time.time() - epoch_start)
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:.0f}")

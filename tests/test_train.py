@@ -311,3 +311,15 @@ def test_python_diffusion_prints_the_unet(capsys):
     out = capsys.readouterr().out
     assert "downs[0]" in out and "(16, 14, 14)" in out and "bottleneck" in out and "(64, 7, 7)" in out
     assert "557,697" in out  # the total parameter count of the default network
+
+
+def test_training_loss_is_logged_every_25_steps_and_survives_a_resume(mnist_dir):
+    run(mnist_dir, "--max-steps", "60", "--epochs", "20")
+    last = mnist_dir / "out" / "last.pt"
+    log = torch.load(last, weights_only=True)["train_log"]
+    assert sorted(log) == [25, 50] and all(0 < v < 10 for v in log.values())
+    train_diffusion.main(train_diffusion.parse_args(["--resume", str(last), "--max-steps", "80",
+                                                     "--epochs", "20", "--device", "cpu",
+                                                     "--data-dir", str(mnist_dir / "data")]))
+    log2 = torch.load(last, weights_only=True)["train_log"]
+    assert sorted(log2) == [25, 50, 75] and log2[50] == log[50]
