@@ -509,12 +509,13 @@ class Trainer:
                 # logging
                 state["step"] += 1
                 state["batch_in_epoch"] = b + 1
-                state["loss_sum"] += loss.item()
+                loss_value = loss.item()  # one device-to-host copy per step
+                state["loss_sum"] += loss_value
                 state["loss_count"] += 1
-                self.log_loss(loss.item())
+                self.log_loss(loss_value)
                 epoch_images += len(x0) * self.world
                 images_per_s = epoch_images / (time.time() - epoch_start)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:.0f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_s:.0f}")
                 if self.main_proc:
                     self.progress_snapshot()
 
