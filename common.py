@@ -228,9 +228,17 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def load_cifar10(data_dir, split="train", download=True):
-    """CIFAR-10 from its python pickle batches (cifar-10-batches-py), downloading if missing."""
+    """CIFAR-10 from its python pickle batches (cifar-10-batches-py), downloading if missing,
+    or from image folders <data_dir>/<split>/<class>/*.png|jpg when those are there."""
     folder = Path(data_dir) / "cifar-10-batches-py"
     files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    image_folder = Path(data_dir) / split
+    if not all((folder / f).is_file() for f in files) and image_folder.is_dir():
+        data = load_image_folder(image_folder, 32, 3)
+        if data.num_classes != 10:
+            fail(f"{image_folder} should hold CIFAR-10's ten class folders, found "
+                 f"{data.num_classes or 'no'} class folders")
+        return data._replace(name="cifar10")
     if not all((folder / f).is_file() for f in files) and download:
         import torchvision
         print(f"CIFAR-10 not found under {data_dir}; downloading with torchvision ...")

@@ -247,6 +247,11 @@ PRESETS = {
     # the default: the same layout at half width and three levels, trainable on a laptop
     "small": dict(image_size=32, channels=3, base_channels=64, channel_mult=(1, 2, 2),
                   num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),
+    # the CPU recipe's network (train_diffusion_cifar.py --recipe cpu): four levels down to
+    # 4x4, one block per level, attention only at 8x8 and 4x4, no dropout (an hour of training
+    # sees each image about five times, too few to overfit)
+    "cpu": dict(image_size=32, channels=3, base_channels=32, channel_mult=(1, 2, 2, 2),
+                num_res_blocks=1, attn_resolutions=(8,), dropout=0.0),
     # for quick experiments on a CPU
     "tiny": dict(image_size=32, channels=3, base_channels=32, channel_mult=(1, 2, 2),
                  num_res_blocks=1, attn_resolutions=(16,), dropout=0.1),

@@ -3,15 +3,19 @@
   python evaluate.py train-classifier --dataset mnist           # once: the feature network
   python evaluate.py --checkpoint runs/mnist/best.pt --num-samples 1000
   python evaluate.py --samples samples.npz --dataset mnist --json report.json
+  python evaluate.py --baseline blur --dataset cifar10 --features classifier   # a reference score
 
 MNIST and Fashion-MNIST are scored in the feature space of a small classifier that this script
 trains (its own test accuracy is reported). CIFAR-10 uses the standard Inception FID from the
-optional package pytorch-fid (pip install pytorch-fid), against the training set.
+optional package pytorch-fid (pip install pytorch-fid) against the training set where it can,
+or with --features classifier the same kind of classifier, trained on CIFAR-10: that is a
+classifier-feature FID, comparable only with other classifier-feature FIDs.
 Samples come from an .npz (key arr_0, uint8, N x H x W x C, as OpenAI's evaluator reads), a
-folder of PNGs, or a checkpoint.
+folder of PNGs, or a checkpoint; --baseline scores real, blurred or noise images the same way.
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -79,6 +83,34 @@ class Classifier(nn.Module):
         return f, F.softmax(self.head(f), dim=1)
 
 
+class CifarClassifier(nn.Module):
+    """A small VGG-style CNN for CIFAR-10 (about 85-88% test accuracy after 15 epochs on 2 CPU
+    cores). Its 192-d penultimate layer (the max over positions of the last block) is the
+    feature space for the classifier-feature FID."""
+
+    def __init__(self, channels=3, num_classes=10, widths=(32, 48, 96, 192)):
+        super().__init__()
+
+        def conv(cin, cout):  # 3x3 convolution, BatchNorm, GELU
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+
+        stem, *stages = widths
+        layers, cin = conv(channels, stem), stem
+        for w in stages:  # 32x32 -> 16x16 -> 8x8 -> 4x4, two convolutions per stage
+            layers += conv(cin, w) + [nn.MaxPool2d(2)] + conv(w, w)
+            cin = w
+        self.body = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    @torch.no_grad()
+    def features_and_probs(self, x):
+        f = self.body(x)
+        return f, F.softmax(self.head(f), dim=1)
+
+
 def random_affine(x, degrees=12.0, scale=0.1, shift=2.0):
     """Augmentation: a random rotation, scale and shift for each image (background stays -1),
     so that the classifier judges shape, as a classifier trained on all of MNIST would."""
@@ -119,35 +151,72 @@ def dataset_nhwc(dataset, data_dir, split):
     return data.images.permute(0, 2, 3, 1).numpy(), data.labels.numpy()
 
 
+def random_crop_flip(x, pad=4):
+    """Augmentation for CIFAR-10: each image shifted by up to `pad` pixels (reflected at the
+    border) and flipped left-right with probability 1/2."""
+    B, _, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, B, 1), device=x.device)
+    rows = (dy + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (dx + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
+    out = padded.permute(0, 2, 3, 1)[torch.arange(B, device=x.device)[:, None, None], rows, cols]
+    out = out.permute(0, 3, 1, 2)  # (B, C, H, W)
+    flip = torch.rand(B, 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, out.flip(3), out).contiguous(memory_format=torch.channels_last)
+
+
+# How each feature network is trained: batch, optimizer, augmentation, default epochs, and
+# the test accuracy below which its FID and confidence figures should not be trusted.
+CLASSIFIER_RECIPES = {
+    "mnist": dict(batch=128, sgd=False, lr=2e-3, weight_decay=1e-4, label_smoothing=0.0,
+                  augment=random_affine, epochs=3, min_accuracy=0.95),
+    "cifar10": dict(batch=256, sgd=True, lr=0.2, weight_decay=5e-4, label_smoothing=0.1,
+                    augment=random_crop_flip, epochs=15, min_accuracy=0.85),
+}
+CLASSIFIER_RECIPES["fashion-mnist"] = dict(CLASSIFIER_RECIPES["mnist"], min_accuracy=0.88)
+
+
+def make_classifier(dataset):
+    return CifarClassifier() if dataset == "cifar10" else Classifier(channels=1)
+
+
 def train_classifier(args):
     """Train the feature network on the training split; cache test-split reference statistics."""
     from tqdm.auto import tqdm
-    if args.dataset not in ("mnist", "fashion-mnist"):
-        common.fail("train-classifier is for mnist and fashion-mnist; CIFAR-10 uses Inception")
+    recipe = CLASSIFIER_RECIPES[args.dataset]
+    epochs = args.epochs or recipe["epochs"]
+    batch = args.batch_size or recipe["batch"]
+    lr = recipe["lr"] * batch / recipe["batch"]  # the learning rate scales with the batch
     device = common.pick_device(args.device)
     common.seed_everything(args.seed)
+    start = time.perf_counter()
     train_x, train_y = dataset_nhwc(args.dataset, args.data_dir, "train")
     test_x, test_y = dataset_nhwc(args.dataset, args.data_dir, "test")
-    clf = Classifier(channels=1).to(device)
-    opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
+    clf = make_classifier(args.dataset).to(device, memory_format=torch.channels_last)
+    if recipe["sgd"]:  # the usual recipe for a BatchNorm CNN on CIFAR-10
+        opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                              weight_decay=recipe["weight_decay"])
+    else:
+        opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=recipe["weight_decay"])
     x_all = uint8_nhwc_to_model(train_x)
     y_all = torch.from_numpy(train_y)
-    steps = args.epochs * math.ceil(len(x_all) / 128)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    bar = tqdm(total=steps, desc="classifier")
-    for epoch in range(args.epochs):
+    steps = epochs * math.ceil(len(x_all) / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    bar = tqdm(total=steps, desc=f"classifier ({args.dataset}, {epochs} epochs)")
+    for epoch in range(epochs):
         clf.train()
         perm = torch.randperm(len(x_all))
-        for i in range(0, len(perm), 128):
-            idx = perm[i:i + 128]
-            x = random_affine(x_all[idx].to(device))
-            loss = F.cross_entropy(clf(x), y_all[idx].to(device))
+        for i in range(0, len(perm), batch):
+            idx = perm[i:i + batch]
+            x = recipe["augment"](x_all[idx].to(device))
+            loss = F.cross_entropy(clf(x), y_all[idx].to(device),
+                                   label_smoothing=recipe["label_smoothing"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
     bar.close()
     feats, probs = classify(clf, test_x, device)
     accuracy = float((probs.argmax(1) == test_y).mean())
@@ -158,12 +227,13 @@ def train_classifier(args):
                             "state": {k: v.cpu() for k, v in clf.state_dict().items()},
                             "test_accuracy": accuracy, "num_test": len(test_y),
                             "ref_mu": torch.from_numpy(mu), "ref_sigma": torch.from_numpy(sigma)}, out)
-    print(f"classifier test accuracy {accuracy:.4f} on {len(test_y)} {args.dataset} test images; "
-          f"saved {out}")
-    if accuracy < 0.95:
+    minutes = (time.perf_counter() - start) / 60
+    print(f"classifier test accuracy {accuracy:.4f} on {len(test_y)} {args.dataset} test images "
+          f"after {epochs} epochs ({minutes:.1f} min); saved {out}")
+    if accuracy < recipe["min_accuracy"]:
         print(f"warning: a weak classifier makes FID and confidence figures unreliable; "
-              f"train longer (--epochs {2 * args.epochs} or more)", file=sys.stderr)
-    return {"test_accuracy": accuracy, "path": str(out)}
+              f"train longer (--epochs {2 * epochs} or more)", file=sys.stderr)
+    return {"test_accuracy": accuracy, "path": str(out), "minutes": minutes}
 
 
 def load_classifier(path, dataset, device):
@@ -174,7 +244,7 @@ def load_classifier(path, dataset, device):
     try:
         c = torch.load(path, map_location="cpu", weights_only=True)
         assert isinstance(c, dict) and c.get("kind") == "classifier"
-        clf = Classifier(channels=1)
+        clf = make_classifier(c["dataset"])
         clf.load_state_dict(c["state"])
     except Exception as e:
         common.fail(f"{path} is not a classifier file of this project ({type(e).__name__})")
@@ -281,25 +351,34 @@ def class_report(probs, requested=None, threshold=0.9):
     return report
 
 
-def score_mnist_like(images, dataset, classifier_path, device, requested=None):
+def score_with_classifier(images, dataset, classifier_path, device, requested=None):
+    """FID in the project classifier's features against the test split, and its class report."""
     clf, c = load_classifier(classifier_path, dataset, device)
     feats, probs = classify(clf, images, device)
     mu, sigma = gaussian_stats(feats)
     fid = frechet_distance(mu, sigma, c["ref_mu"].numpy(), c["ref_sigma"].numpy())
-    return {"fid": fid, "fid_features": "project classifier (128-d)",
+    label = f"project {dataset} classifier ({feats.shape[1]}-d), against its {c['num_test']} test images"
+    if dataset == "cifar10":
+        label = "classifier-feature FID, NOT Inception FID: " + label
+    return {"fid": fid, "fid_features": label,
             "classifier_test_accuracy": c["test_accuracy"], **class_report(probs, requested)}
 
 
-def score_cifar(images, args, device):
+def score_inception(images, args, device):
     """Inception FID (pytorch-fid) against the CIFAR-10 training set, statistics cached."""
     try:
         from pytorch_fid.inception import InceptionV3
     except ImportError:
-        common.fail("CIFAR-10 FID needs the optional package pytorch-fid: pip install pytorch-fid")
+        common.fail("Inception FID needs the optional package pytorch-fid (pip install pytorch-fid); "
+                    "offline, use --features classifier")
     if len(images) < 10000:
         print(f"warning: FID from {len(images)} samples is biased upward; the standard is "
               f"50,000 (at least 10,000)", file=sys.stderr)
-    net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+    try:
+        net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+    except Exception as e:  # the weights are downloaded on first use
+        common.fail(f"could not load the Inception weights ({type(e).__name__}: {e}); offline, "
+                    f"use --features classifier")
 
     @torch.no_grad()
     def feats(x):
@@ -318,18 +397,66 @@ def score_cifar(images, args, device):
         ref_mu, ref_sigma = gaussian_stats(feats(ref))
         np.savez(cache, mu=ref_mu, sigma=ref_sigma)
     mu, sigma = gaussian_stats(feats(images))
-    return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "fid_features": "Inception-v3 pool3"}
+    return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma),
+            "fid_features": "Inception-v3 pool3 (pytorch-fid), against the training set"}
+
+
+def feature_space(dataset, features):
+    """'inception' or 'classifier'. MNIST-like data has only the classifier; CIFAR-10 uses
+    Inception where pytorch-fid is installed, unless told otherwise."""
+    if features == "auto":
+        if dataset != "cifar10":
+            return "classifier"
+        if importlib.util.find_spec("pytorch_fid") is not None:
+            return "inception"
+        print("pytorch-fid is not installed: scoring in the project classifier's features "
+              "(--features classifier)", file=sys.stderr)
+        return "classifier"
+    if features == "inception" and dataset != "cifar10":
+        common.fail("--features inception is for cifar10; MNIST-like data is scored by the project classifier")
+    return features
 
 
 def evaluate_images(images, dataset, args, device, requested=None):
     """The report for uint8 NHWC images of `dataset`."""
     report = {"dataset": dataset, "num_samples": int(len(images))}
-    if dataset == "cifar10":
-        report.update(score_cifar(images, args, device))
+    if feature_space(dataset, args.features) == "inception":
+        report.update(score_inception(images, args, device))
     else:
         path = args.classifier or default_classifier_path(dataset)
-        report.update(score_mnist_like(images, dataset, path, device, requested))
+        report.update(score_with_classifier(images, dataset, path, device, requested))
     return report
+
+
+# ----------------------------------------------------------------------------------------
+# Baselines: what real images, blurred images and noise score, so that a number means something
+
+
+BASELINES = {
+    "train": "real training images: the ceiling a perfect generator of the training set reaches",
+    "test": "real test images, the reference set itself (FID then measures only sample-size bias)",
+    "blur": "real training images at half resolution and back (16x16 for CIFAR-10): colours and "
+            "layout right, details gone",
+    "noise": "uniform noise: the floor",
+}
+
+
+def baseline_images(name, dataset, data_dir, n, seed=0):
+    """n uint8 NHWC images of baseline `name` (see BASELINES), the same ones for the same seed."""
+    H, W, C = SHAPES[dataset]
+    rng = np.random.default_rng(seed)
+    if name == "noise":
+        return rng.integers(0, 256, (n, H, W, C), dtype=np.uint8)
+    images, _ = dataset_nhwc(dataset, data_dir, "test" if name == "test" else "train")
+    if n > len(images):
+        common.fail(f"--num-samples {n} is more than the {len(images)} images of the split")
+    images = images[rng.permutation(len(images))[:n]]
+    if name == "blur":
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        small = F.interpolate(x, size=(H // 2, W // 2), mode="area")  # the mean of each 2x2 block
+        x = F.interpolate(small, size=(H, W), mode="bilinear", align_corners=False)
+        images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return np.ascontiguousarray(images)
 
 
 def print_report(report):
@@ -347,11 +474,17 @@ def print_report(report):
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-classifier"]:
-        p = argparse.ArgumentParser(description="Train the FID feature network for MNIST-like data.",
+        p = argparse.ArgumentParser(description="Train the feature network for FID and the confident share.",
                                     formatter_class=common.HelpFormatter)
-        p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist", help="the data set the classifier learns")
+        p.add_argument("--dataset", choices=sorted(CLASSIFIER_RECIPES), default="mnist",
+                       help="the data set the classifier learns")
         p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded")
-        p.add_argument("--epochs", type=int, default=3, help="training epochs (40 for the figures in RESULTS.md)")
+        p.add_argument("--epochs", type=int, default=None,
+                       help="training epochs (default 3 for MNIST-like data, 40 for the figures in "
+                            "RESULTS.md; 15 for CIFAR-10)")
+        p.add_argument("--batch-size", type=int, default=None,
+                       help="images per step (default 128 for MNIST-like data, 256 for CIFAR-10); "
+                            "the learning rate scales with it")
         p.add_argument("--out", default=None, help="default runs/classifiers/<dataset>.pt")
         p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
         p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -362,10 +495,17 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="an .npz (arr_0: uint8 N x H x W x C) or a folder of PNGs")
     src.add_argument("--checkpoint", help="draw samples from this checkpoint's EMA weights")
+    src.add_argument("--baseline", choices=list(BASELINES),
+                     help="score a reference instead of samples: " +
+                          "; ".join(f"{k}: {v}" for k, v in BASELINES.items()))
     p.add_argument("--dataset", choices=sorted(SHAPES), default=None,
                    help="what the samples imitate (default: from the checkpoint, else mnist)")
     p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded")
     p.add_argument("--classifier", default=None, help="default runs/classifiers/<dataset>.pt")
+    p.add_argument("--features", choices=["auto", "classifier", "inception"], default="auto",
+                   help="FID feature space. classifier: the project classifier (train-classifier); "
+                        "inception: the standard Inception FID (pytorch-fid, cifar10 only); auto: "
+                        "inception for cifar10 where pytorch-fid is installed, else classifier")
     p.add_argument("--sampler", choices=common.SAMPLERS, default="ddim",
                    help="ddpm: all T steps; ddim: --steps with --eta; dpm++: DPM-Solver++(2M), "
                         "--steps (20 steps gave DDIM-50's confident share in RESULTS.md)")
@@ -377,7 +517,8 @@ def parse_args(argv=None):
                         "for ddim, logsnr for dpm++)")
     p.add_argument("--guidance", type=float, default=None, help="default: the training setting")
     p.add_argument("--num-samples", type=int, default=None,
-                   help="samples to draw (default 50000 for CIFAR-10, 10000 otherwise)")
+                   help="samples to draw (default 50000 for CIFAR-10, 10000 otherwise; "
+                        "1000 for --baseline)")
     p.add_argument("--batch-size", type=int, default=250, help="images per sampler call")
     p.add_argument("--save-npz", default=None, help="also save the drawn samples here")
     p.add_argument("--json", default=None, help="write the report here as JSON")
@@ -391,8 +532,8 @@ def parse_args(argv=None):
 
 def main(args):
     if args.command == "train-classifier":
-        if args.epochs < 1:
-            common.fail("--epochs must be at least 1")
+        if (args.epochs is not None and args.epochs < 1) or (args.batch_size is not None and args.batch_size < 1):
+            common.fail("--epochs and --batch-size must be at least 1")
         return train_classifier(args)
     device = common.pick_device(args.device)
     requested = None
@@ -421,7 +562,7 @@ def main(args):
             common.fail("--num-samples must be at least 2 and --batch-size at least 1")
         if not 1 <= args.steps <= ckpt["diffusion"]["timesteps"]:
             common.fail(f"--steps must be in [1, {ckpt['diffusion']['timesteps']}]")
-        if dataset != "cifar10":
+        if feature_space(dataset, args.features) == "classifier":
             load_classifier(args.classifier or default_classifier_path(dataset), dataset, device)
         start = time.perf_counter()
         images, requested = sample_from_checkpoint(ckpt, n, args.sampler, args.steps,
@@ -433,6 +574,17 @@ def main(args):
         if args.save_npz:
             save_npz(images, args.save_npz)
         source = args.checkpoint
+    elif args.baseline:
+        dataset = args.dataset or "mnist"
+        n = 1000 if args.num_samples is None else args.num_samples
+        if n < 2:
+            common.fail("--num-samples must be at least 2")
+        if feature_space(dataset, args.features) == "classifier":
+            load_classifier(args.classifier or default_classifier_path(dataset), dataset, device)
+        images = baseline_images(args.baseline, dataset, args.data_dir, n, args.seed)
+        source, sampling = f"baseline {args.baseline}: {BASELINES[args.baseline]}", {}
+        if args.save_npz:
+            save_npz(images, args.save_npz)
     else:
         dataset = args.dataset or "mnist"
         source, sampling = args.samples, {}

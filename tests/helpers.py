@@ -90,6 +90,29 @@ def write_cifar10(root, n_per_batch=20, n_test=20):
     return Path(root)
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def write_cifar10_jpeg(root, n_train=12, n_test=6, classes=CIFAR10_CLASSES):
+    """A tiny CIFAR-10 in the image-folder layout of ../shared/data/cifar10:
+    root/{train,test}/<class>/NNNN.jpg, 32x32 RGB JPEGs. Class k is a square of its own colour
+    on a dark background, at a random place, so that a classifier can learn it."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+               (145, 30, 180), (70, 240, 240), (240, 50, 230), (250, 190, 212), (255, 255, 255)]
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k, name in enumerate(classes):
+            d = Path(root) / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a = rng.integers(0, 40, (32, 32, 3)).astype(np.uint8)
+                y, x = rng.integers(2, 14, 2)
+                a[y:y + 16, x:x + 16] = palette[k % len(palette)]
+                Image.fromarray(a).save(d / f"{i:04d}.jpg", quality=90)
+    return Path(root)
+
+
 # Denoisers with known answers ------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ import common
 import diffusion
 import diffusion_cifar
 import train_diffusion_cifar
-from helpers import write_cifar10
+from helpers import CIFAR10_CLASSES, write_cifar10, write_cifar10_jpeg
 
 TINY_CIFAR = dict(image_size=32, channels=3, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                   attn_resolutions=(16,), dropout=0.1)
@@ -127,7 +127,8 @@ def test_cifar_training_end_to_end_and_resume(cifar_dir):
     for name in ("last.pt", "best.pt", "metrics.csv", "loss_curve.png", "samples_epoch001.png", "samples.png"):
         assert (out / name).is_file(), name
     ckpt = common.load_checkpoint(out / "last.pt", "cifar")
-    assert ckpt["model_config"]["base_channels"] == 16 and ckpt["diffusion"]["schedule"] == "linear"
+    assert ckpt["model_config"]["base_channels"] == 16
+    assert (ckpt["diffusion"]["schedule"], ckpt["diffusion"]["prediction"]) == ("cosine", "v")  # cpu recipe
     model, _, module = common.model_from_checkpoint(ckpt, "cpu")
     assert module is diffusion_cifar
     # resume one more epoch; an MNIST script refuses this checkpoint
@@ -138,6 +139,48 @@ def test_cifar_training_end_to_end_and_resume(cifar_dir):
     import train_diffusion
     with pytest.raises(SystemExit, match="use train_diffusion_cifar.py"):
         train_diffusion.main(train_diffusion.parse_args(["--resume", str(out / "last.pt")]))
+
+
+def test_recipes_set_the_defaults_and_flags_override_them():
+    cpu = train_diffusion_cifar.parse_args([])
+    assert (cpu.recipe, cpu.preset, cpu.lr, cpu.warmup, cpu.schedule, cpu.prediction, cpu.lr_schedule) == \
+        ("cpu", "cpu", 1e-3, 200, "cosine", "v", "cosine")
+    paper = train_diffusion_cifar.parse_args(["--recipe", "paper"])
+    assert (paper.preset, paper.lr, paper.warmup, paper.ema_decay, paper.batch_size, paper.schedule,
+            paper.prediction, paper.t_power) == ("ddpm", 2e-4, 5000, 0.9999, 128, "linear", "eps", 1.0)
+    mixed = train_diffusion_cifar.parse_args(["--lr", "3e-4", "--recipe", "paper", "--preset", "small"])
+    assert (mixed.lr, mixed.preset, mixed.warmup) == (3e-4, "small", 5000)
+    # the paper's network is untouched by the CPU recipe
+    assert diffusion_cifar.PRESETS["ddpm"] == dict(image_size=32, channels=3, base_channels=128,
+                                                   channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                                                   attn_resolutions=(16,), dropout=0.1)
+
+
+def test_cifar10_from_jpeg_class_folders(tmp_path, monkeypatch):
+    """The layout of ../shared/data/cifar10: <data-dir>/{train,test}/<class>/*.jpg."""
+    write_cifar10_jpeg(tmp_path / "data", n_train=3, n_test=2)
+    train = common.load_dataset("cifar10", tmp_path / "data", 32, 3, "train")
+    test = common.load_dataset("cifar10", tmp_path / "data", 32, 3, "test")
+    assert train.images.shape == (30, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert len(test.images) == 20 and train.num_classes == 10 and train.name == "cifar10"
+    # labels follow CIFAR-10's class order, which is the folders' sorted order
+    assert CIFAR10_CLASSES == tuple(sorted(CIFAR10_CLASSES))
+    assert train.labels.tolist() == [k for k in range(10) for _ in range(3)]
+    # the colour square of class 3 survives JPEG: blue (0, 130, 200) dominates its images
+    x = train.images[train.labels == 3].float()
+    assert x[:, 2].mean() > x[:, 0].mean() + 30
+    # class-conditional training straight from the folders, via --data-dir or --dataset
+    monkeypatch.setitem(diffusion_cifar.PRESETS, "tiny", TINY_CIFAR)
+    for source in (["--data-dir", str(tmp_path / "data")], ["--dataset", str(tmp_path / "data" / "train")]):
+        out = f"out{len(source[1])}"
+        result = train_diffusion_cifar.main(cifar_args(tmp_path, "--epochs", "1", "--class-cond",
+                                                       "--val-size", "10", *source, out=out))
+        assert result.state["step"] == 1  # 30 images - 10 held out = 20: one full batch of 16
+        assert common.load_checkpoint(tmp_path / out / "last.pt")["model_config"]["num_classes"] == 10
+    # a folder that is not CIFAR-10's ten classes is refused with the reason
+    write_cifar10_jpeg(tmp_path / "three", n_train=1, n_test=1, classes=("a", "b", "c"))
+    with pytest.raises(SystemExit, match="ten class folders, found 3"):
+        common.load_dataset("cifar10", tmp_path / "three", 32, 3, "train")
 
 
 def test_random_flips_flip_about_half():

@@ -4,11 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import evaluate
 import train_diffusion
-from helpers import write_mnist
+from helpers import write_cifar10_jpeg, write_mnist
 
 
 def test_fid_of_a_set_with_itself_is_zero():
@@ -147,3 +148,94 @@ def test_bad_files(trained, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no .png files"):
         evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "empty")]))
+
+
+# -- CIFAR-10: the classifier-feature path, on tiny JPEG class folders -----------------------
+
+
+def test_random_crop_flip_is_a_shifted_window_of_the_padded_image():
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8).repeat(50, 1, 1, 1)
+    y = evaluate.random_crop_flip(x, pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    windows = {(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)}
+    seen = set()
+    for i in range(len(x)):
+        match = [(dy, dx, f) for dy, dx, f in windows
+                 if torch.equal(y[i], (lambda w: w.flip(2) if f else w)(padded[i, :, dy:dy + 8, dx:dx + 8]))]
+        assert match, f"image {i} is not a window of its padded input"
+        seen.add(match[0])
+    assert len(seen) > 30  # shifts and flips differ from image to image
+
+
+@pytest.fixture(scope="module")
+def cifar_trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_cifar")
+    write_cifar10_jpeg(root / "data", n_train=16, n_test=8)
+    clf = root / "clf.pt"
+    report = evaluate.main(evaluate.parse_args(["train-classifier", "--dataset", "cifar10", "--data-dir",
+                                                str(root / "data"), "--epochs", "20", "--batch-size", "32", "--out", str(clf),
+                                                "--device", "cpu"]))
+    return root, clf, report
+
+
+def test_cifar_classifier_learns_and_baselines_order_as_expected(cifar_trained, tmp_path):
+    root, clf, report = cifar_trained
+    assert report["test_accuracy"] >= 0.8
+    scores = {}
+    for name in ("test", "train", "blur", "noise"):
+        scores[name] = evaluate.main(evaluate.parse_args(
+            ["--baseline", name, "--dataset", "cifar10", "--num-samples", "80", "--features", "classifier",
+             "--classifier", str(clf), "--data-dir", str(root / "data"), "--device", "cpu"]))
+    assert "NOT Inception FID" in scores["noise"]["fid_features"]
+    # the reference is the test split: its own 80 images are closest, noise is far off
+    assert scores["test"]["fid"] < scores["train"]["fid"] < scores["noise"]["fid"]
+    assert scores["blur"]["fid"] < scores["noise"]["fid"]
+    assert scores["train"]["confident_share"] > scores["noise"]["confident_share"]
+    assert scores["noise"]["class_entropy_bits"] < scores["train"]["class_entropy_bits"]
+    # the same seed gives the same images; blur keeps each 2x2 block's mean colour
+    a = evaluate.baseline_images("blur", "cifar10", root / "data", 5)
+    b = evaluate.baseline_images("train", "cifar10", root / "data", 5)
+    assert np.array_equal(a, evaluate.baseline_images("blur", "cifar10", root / "data", 5))
+    block_means = lambda im: im.astype(float).reshape(5, 16, 2, 16, 2, 3).mean((2, 4))
+    assert np.abs(block_means(a) - block_means(b)).mean() < 8
+    assert np.abs(a.astype(float) - b).mean() > 2
+    with pytest.raises(SystemExit, match="more than the"):
+        evaluate.baseline_images("train", "cifar10", root / "data", 10 ** 6)
+
+
+def test_cifar_checkpoint_scored_with_the_classifier(cifar_trained, trained, tmp_path, monkeypatch):
+    import diffusion_cifar
+    import train_diffusion_cifar
+    root, clf, _ = cifar_trained
+    monkeypatch.setitem(diffusion_cifar.PRESETS, "cpu", dict(
+        image_size=32, channels=3, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+        attn_resolutions=(), dropout=0.0))
+    train_diffusion_cifar.main(train_diffusion_cifar.parse_args(
+        ["--data-dir", str(root / "data"), "--out-dir", str(tmp_path / "run"), "--class-cond",
+         "--batch-size", "32", "--val-size", "20", "--timesteps", "40", "--sample-steps", "4",
+         "--max-steps", "2", "--device", "cpu"]))
+    r = evaluate.main(evaluate.parse_args(
+        ["--checkpoint", str(tmp_path / "run" / "last.pt"), "--num-samples", "20", "--steps", "4",
+         "--features", "classifier", "--classifier", str(clf), "--device", "cpu",
+         "--data-dir", str(root / "data")]))
+    assert r["dataset"] == "cifar10" and r["num_samples"] == 20 and r["fid"] > 0
+    assert "requested_class_share" in r and "NOT Inception FID" in r["fid_features"]
+    # an MNIST classifier is refused for CIFAR-10 samples, before any sampling
+    with pytest.raises(SystemExit, match="was trained on mnist, not cifar10"):
+        evaluate.main(evaluate.parse_args(
+            ["--checkpoint", str(tmp_path / "run" / "last.pt"), "--num-samples", "20", "--steps", "4",
+             "--features", "classifier", "--classifier", str(trained[1]), "--device", "cpu"]))
+
+
+def test_feature_space_choice(monkeypatch, capsys):
+    import importlib.util
+    assert evaluate.feature_space("mnist", "auto") == "classifier"
+    with pytest.raises(SystemExit, match="--features inception is for cifar10"):
+        evaluate.feature_space("mnist", "inception")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert evaluate.feature_space("cifar10", "auto") == "classifier"
+    assert "pytorch-fid is not installed" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert evaluate.feature_space("cifar10", "auto") == "inception"
+    assert evaluate.feature_space("cifar10", "classifier") == "classifier"
