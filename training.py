@@ -73,8 +73,13 @@ def add_training_args(p, kind):
       help="label dropout for classifier-free guidance")
     a("--guidance", type=float, default=2.0,
       help="classifier-free guidance scale for the sample grids")
+    a("--eval-share", type=float, default=0.03,
+      help="the end-of-epoch work (validation, sample grid, plots, checkpoints) takes at most this "
+           "share of the time: where epochs take seconds it runs after several of them; 1: after "
+           "every epoch")
     a("--patience", type=int, default=5,
-      help="epochs without a validation improvement before stopping")
+      help="validations without an improvement before stopping (one per epoch, or fewer where "
+           "epochs are so short that they would cost more than 3%% of the time)")
     a("--min-delta", type=float, default=1e-4,
       help="smallest validation-loss drop that counts as an improvement")
     a("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids")
@@ -90,7 +95,7 @@ def add_training_args(p, kind):
 def check_training_args(args):
     """Impossible arguments get a clear message instead of a failure deep inside torch."""
     common.check_finite(lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                        ema_decay=args.ema_decay, p_uncond=args.p_uncond, guidance=args.guidance,
+                        ema_decay=args.ema_decay, p_uncond=args.p_uncond, guidance=args.guidance, eval_share=args.eval_share,
                         t_power=args.t_power, max_minutes=args.max_minutes, min_delta=args.min_delta)
     for name in ["batch_size", "epochs", "timesteps", "sample_steps"]:
         if getattr(args, name) < 1:
@@ -103,6 +108,8 @@ def check_training_args(args):
         fail(f"--lr must be a positive number, got {args.lr}")
     if args.weight_decay < 0 or args.min_delta < 0:
         fail("--weight-decay and --min-delta must be >= 0")
+    if not 0 < args.eval_share <= 1:
+        fail(f"--eval-share must be in (0, 1], got {args.eval_share}")
     if not 0 <= args.p_uncond < 1:
         fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
     if not 0 <= args.ema_decay < 1:
@@ -476,6 +483,7 @@ class Trainer:
                   f"device {self.device}, {self.world} process(es), "
                   f"{'bf16 autocast' if self.bf16 else 'float32'}")
         self.start = time.time()
+        self.last_eval_end, self.eval_cost = self.elapsed(), 0.0  # the first epoch is validated
         stop = self.stop_reason([])  # a budget may already be used up by the resumed run
         while state["epoch"] < args.epochs and stop is None:
             self.epoch_sampler.set_epoch(state["epoch"])
@@ -529,13 +537,26 @@ class Trainer:
                 self.save(self.out_dir / "last.pt")
                 break
 
-            # end of epoch (or of the budget): validation, pictures, checkpoint, early stop
-            train_loss = state["loss_sum"] / max(state["loss_count"], 1)
-            if state["batch_in_epoch"] == self.batches_per_epoch:  # a whole epoch: reset its counters
-                state.update(epoch=state["epoch"] + 1, batch_in_epoch=0, loss_sum=0.0, loss_count=0)
+            # end of epoch (or of the budget): validation, pictures, checkpoint, early stop,
+            # unless the last time was so recent that it would exceed EVAL_SHARE of the time
+            if state["batch_in_epoch"] == self.batches_per_epoch:  # a whole epoch
+                state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
+            due = (stop is not None or state["epoch"] >= args.epochs or self.elapsed() - self.last_eval_end
+                   >= self.eval_cost * (1 / args.eval_share - 1))
+            if self.world > 1:  # every rank must decide alike
+                flag = torch.tensor([int(due)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                due = bool(flag.item())
+            if not due:
+                continue
+            train_loss = state["loss_sum"] / max(state["loss_count"], 1)  # since the last time
+            state.update(loss_sum=0.0, loss_count=0)
             progress = state["epoch"] + state["batch_in_epoch"] / self.batches_per_epoch
+            eval_start = self.elapsed()
             if self.end_of_epoch(progress, train_loss, images_per_s) and stop is None:
-                stop = f"early stopping: no improvement for {args.patience} epochs"
+                stop = f"early stopping: no improvement in {args.patience} validations"
+            self.last_eval_end = self.elapsed()
+            self.eval_cost = self.last_eval_end - eval_start
         return stop
 
     def finish(self, stop):

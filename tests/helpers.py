@@ -12,7 +12,7 @@ def tiny_mnist_args(timesteps=50, sample_steps=5):
     """train_diffusion.py arguments for a network small enough to train in a second."""
     return ["--hidden-dims", "8", "16", "16", "--time-dim", "16", "--batch-size", "16",
             "--val-size", "16", "--timesteps", str(timesteps), "--sample-steps", str(sample_steps),
-            "--device", "cpu", "--warmup", "2"]
+            "--device", "cpu", "--warmup", "2", "--eval-share", "1"]  # validate every epoch
 
 
 def write_idx(path, array, compress=True):

@@ -109,7 +109,7 @@ def cifar_args(root, *extra, out="out"):
     return train_diffusion_cifar.parse_args(
         ["--preset", "tiny", "--data-dir", str(root / "data"), "--out-dir", str(root / out),
          "--batch-size", "16", "--val-size", "20", "--timesteps", "40", "--sample-steps", "4",
-         "--warmup", "2", "--device", "cpu", *extra])
+         "--warmup", "2", "--device", "cpu", "--eval-share", "1", *extra])
 
 
 @pytest.fixture

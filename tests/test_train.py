@@ -125,6 +125,20 @@ def test_early_stopping_and_best_checkpoint(mnist_dir):
     assert best["state"]["best_val"] == state["best_val"]
 
 
+def test_end_of_epoch_work_is_skipped_where_it_would_cost_more_than_its_share(mnist_dir):
+    # epochs of 5 tiny steps take far less than 32x the validation + grid + checkpoint work,
+    # so with the default 3% only the first and the last epoch are validated
+    state = run(mnist_dir, "--epochs", "8", "--eval-share", "0.03", "--patience", "1", "--min-delta", "100")
+    with open(mnist_dir / "out" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["epoch"]) for r in rows] == [1.0, 8.0] and state["epoch"] == 8
+    assert sorted(p.name for p in (mnist_dir / "out").glob("samples_epoch*.png")) == \
+        ["samples_epoch001.png", "samples_epoch008.png"]
+    assert torch.load(mnist_dir / "out" / "last.pt", weights_only=True)["state"]["step"] == 40
+    with pytest.raises(SystemExit, match="--eval-share must be in"):
+        run(mnist_dir, "--eval-share", "0", out="zero")
+
+
 def test_class_conditional_grid_has_a_row_per_class(mnist_dir):
     run(mnist_dir, "--epochs", "1", "--class-cond", "--guidance", "3")
     ckpt = torch.load(mnist_dir / "out" / "last.pt", weights_only=True)
