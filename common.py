@@ -227,6 +227,10 @@ class CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+DATA_DIR_HELP = ("where data sets are found or downloaded; CIFAR-10 is also read from image "
+                 "folders <data-dir>/train/<class>/ and <data-dir>/test/<class>/")
+
+
 def load_cifar10(data_dir, split="train", download=True):
     """CIFAR-10 from its python pickle batches (cifar-10-batches-py), downloading if missing,
     or from image folders <data_dir>/<split>/<class>/*.png|jpg when those are there."""

@@ -39,8 +39,8 @@ def parse_args(argv=None):
                    help="conditional models: sample only this class (default: all, in turn)")
     p.add_argument("--guidance", type=float, default=None, help="default: the training setting")
     p.add_argument("--no-fid", action="store_true", help="skip FID (no classifier needed)")
-    p.add_argument("--classifier", default=None, help="evaluate.py's feature network")
-    p.add_argument("--data-dir", default="./data", help="for CIFAR-10 FID reference statistics")
+    evaluate.add_feature_args(p)
+    p.add_argument("--data-dir", default="./data", help=common.DATA_DIR_HELP)
     p.add_argument("--save-npz", action="store_true", help="save each setting's samples as .npz")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -128,10 +128,8 @@ def main(args):
     if not args.no_fid and dataset not in evaluate.SHAPES:
         common.fail(f"FID needs a reference data set; this checkpoint was trained on {dataset!r}. "
                     f"Use --no-fid.")
-    if not args.no_fid and dataset != "cifar10":
-        # check the feature network before minutes of sampling, with evaluate.py's own checks
-        args.classifier = str(args.classifier or evaluate.default_classifier_path(dataset))
-        evaluate.load_classifier(args.classifier, dataset, device)
+    if not args.no_fid:
+        evaluate.check_feature_network(dataset, args, device)  # before minutes of sampling
 
     out_dir = common.check_writable_dir(args.out_dir)  # before the sampling, not after
     shape = (args.num_samples, cfg["channels"], cfg["image_size"], cfg["image_size"])

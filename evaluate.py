@@ -417,6 +417,21 @@ def feature_space(dataset, features):
     return features
 
 
+def add_feature_args(p):
+    """--classifier and --features, for every script that scores images with this module."""
+    p.add_argument("--classifier", default=None, help="default runs/classifiers/<dataset>.pt")
+    p.add_argument("--features", choices=["auto", "classifier", "inception"], default="auto",
+                   help="FID feature space. classifier: the project classifier (train-classifier); "
+                        "inception: the standard Inception FID (pytorch-fid, cifar10 only); auto: "
+                        "inception for cifar10 where pytorch-fid is installed, else classifier")
+
+
+def check_feature_network(dataset, args, device):
+    """A missing or wrong classifier is an error before minutes of sampling, not after."""
+    if feature_space(dataset, args.features) == "classifier":
+        load_classifier(args.classifier or default_classifier_path(dataset), dataset, device)
+
+
 def evaluate_images(images, dataset, args, device, requested=None):
     """The report for uint8 NHWC images of `dataset`."""
     report = {"dataset": dataset, "num_samples": int(len(images))}
@@ -478,7 +493,7 @@ def parse_args(argv=None):
                                     formatter_class=common.HelpFormatter)
         p.add_argument("--dataset", choices=sorted(CLASSIFIER_RECIPES), default="mnist",
                        help="the data set the classifier learns")
-        p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded")
+        p.add_argument("--data-dir", default="./data", help=common.DATA_DIR_HELP)
         p.add_argument("--epochs", type=int, default=None,
                        help="training epochs (default 3 for MNIST-like data, 40 for the figures in "
                             "RESULTS.md; 15 for CIFAR-10)")
@@ -500,12 +515,8 @@ def parse_args(argv=None):
                           "; ".join(f"{k}: {v}" for k, v in BASELINES.items()))
     p.add_argument("--dataset", choices=sorted(SHAPES), default=None,
                    help="what the samples imitate (default: from the checkpoint, else mnist)")
-    p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded")
-    p.add_argument("--classifier", default=None, help="default runs/classifiers/<dataset>.pt")
-    p.add_argument("--features", choices=["auto", "classifier", "inception"], default="auto",
-                   help="FID feature space. classifier: the project classifier (train-classifier); "
-                        "inception: the standard Inception FID (pytorch-fid, cifar10 only); auto: "
-                        "inception for cifar10 where pytorch-fid is installed, else classifier")
+    p.add_argument("--data-dir", default="./data", help=common.DATA_DIR_HELP)
+    add_feature_args(p)
     p.add_argument("--sampler", choices=common.SAMPLERS, default="ddim",
                    help="ddpm: all T steps; ddim: --steps with --eta; dpm++: DPM-Solver++(2M), "
                         "--steps (20 steps gave DDIM-50's confident share in RESULTS.md)")
@@ -521,6 +532,7 @@ def parse_args(argv=None):
                         "1000 for --baseline)")
     p.add_argument("--batch-size", type=int, default=250, help="images per sampler call")
     p.add_argument("--save-npz", default=None, help="also save the drawn samples here")
+    p.add_argument("--save-grid", default=None, help="also save the first 64 images as a PNG grid here")
     p.add_argument("--json", default=None, help="write the report here as JSON")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -542,7 +554,7 @@ def main(args):
     common.check_finite(eta=args.eta, guidance=args.guidance)
     if args.eta < 0:
         common.fail(f"--eta must be >= 0, got {args.eta}")
-    for path, what in ((args.json, "--json"), (args.save_npz, "--save-npz")):
+    for path, what in ((args.json, "--json"), (args.save_npz, "--save-npz"), (args.save_grid, "--save-grid")):
         common.check_writable_file(path, what)
     if args.out_dir:
         common.check_writable_dir(args.out_dir)
@@ -562,8 +574,7 @@ def main(args):
             common.fail("--num-samples must be at least 2 and --batch-size at least 1")
         if not 1 <= args.steps <= ckpt["diffusion"]["timesteps"]:
             common.fail(f"--steps must be in [1, {ckpt['diffusion']['timesteps']}]")
-        if feature_space(dataset, args.features) == "classifier":
-            load_classifier(args.classifier or default_classifier_path(dataset), dataset, device)
+        check_feature_network(dataset, args, device)
         start = time.perf_counter()
         images, requested = sample_from_checkpoint(ckpt, n, args.sampler, args.steps,
                                                    args.batch_size, device, args.seed,
@@ -579,8 +590,7 @@ def main(args):
         n = 1000 if args.num_samples is None else args.num_samples
         if n < 2:
             common.fail("--num-samples must be at least 2")
-        if feature_space(dataset, args.features) == "classifier":
-            load_classifier(args.classifier or default_classifier_path(dataset), dataset, device)
+        check_feature_network(dataset, args, device)
         images = baseline_images(args.baseline, dataset, args.data_dir, n, args.seed)
         source, sampling = f"baseline {args.baseline}: {BASELINES[args.baseline]}", {}
         if args.save_npz:
@@ -593,6 +603,8 @@ def main(args):
         else:
             images = load_npz(source)
     images = check_samples(images, dataset, source)
+    if args.save_grid:
+        common.save_grid(uint8_nhwc_to_model(images[:64]), args.save_grid, nrow=8)
     report = evaluate_images(images, dataset, args, device, requested)
     report.update(sampling, source=str(source))
     print_report(report)

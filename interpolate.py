@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--indices", type=int, nargs=2, default=[0, 1],
                    help="which test images to join (mode images)")
     p.add_argument("--classes", type=int, nargs=2, default=[1, 7], help="mode classes")
-    p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded")
+    p.add_argument("--data-dir", default="./data", help=common.DATA_DIR_HELP)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out-dir", default="runs/interpolate", help="where the PNGs and GIFs go")

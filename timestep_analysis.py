@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--checkpoint", default=None, help="a checkpoint from either training script")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's, else mnist")
-    p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded")
+    p.add_argument("--data-dir", default="./data", help=common.DATA_DIR_HELP)
     p.add_argument("--index", type=int, default=0, help="test image shown in forward_process.png")
     p.add_argument("--loss-images", type=int, default=256, help="test images for the loss curve")
     p.add_argument("--loss-points", type=int, default=50, help="timesteps on the loss curve")

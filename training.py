@@ -42,7 +42,7 @@ def add_training_args(p, kind):
            f"checkpoint's own folder)")
     a("--overwrite", action="store_true",
       help="replace a run that is already in --out-dir (by default that is refused)")
-    a("--data-dir", default="./data", help="where data sets are found or downloaded")
+    a("--data-dir", default="./data", help=common.DATA_DIR_HELP)
     a("--val-size", type=int, default=1000, help="held-out images for the validation loss")
     a("--epochs", type=int, default=100, help="most epochs to train")
     a("--max-steps", type=int, default=None, help="most optimizer steps to train in all")

@@ -186,8 +186,10 @@ def test_cifar_classifier_learns_and_baselines_order_as_expected(cifar_trained, 
     for name in ("test", "train", "blur", "noise"):
         scores[name] = evaluate.main(evaluate.parse_args(
             ["--baseline", name, "--dataset", "cifar10", "--num-samples", "80", "--features", "classifier",
-             "--classifier", str(clf), "--data-dir", str(root / "data"), "--device", "cpu"]))
+             "--classifier", str(clf), "--data-dir", str(root / "data"), "--device", "cpu",
+             "--save-grid", str(tmp_path / f"{name}.png")]))
     assert "NOT Inception FID" in scores["noise"]["fid_features"]
+    assert Image.open(tmp_path / "blur.png").size == (8 * 34 + 2, 8 * 34 + 2)  # 64 images, 8 x 8
     # the reference is the test split: its own 80 images are closest, noise is far off
     assert scores["test"]["fid"] < scores["train"]["fid"] < scores["noise"]["fid"]
     assert scores["blur"]["fid"] < scores["noise"]["fid"]
