@@ -59,7 +59,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 # ----------------------------------------------------------------------------------------
-# The feature network for MNIST-like data
+# The feature networks: a small CNN for MNIST-like data, a deeper one for CIFAR-10
 
 
 class Classifier(nn.Module):
