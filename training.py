@@ -95,8 +95,9 @@ def add_training_args(p, kind):
 def check_training_args(args):
     """Impossible arguments get a clear message instead of a failure deep inside torch."""
     common.check_finite(lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                        ema_decay=args.ema_decay, p_uncond=args.p_uncond, guidance=args.guidance, eval_share=args.eval_share,
-                        t_power=args.t_power, max_minutes=args.max_minutes, min_delta=args.min_delta)
+                        ema_decay=args.ema_decay, p_uncond=args.p_uncond, guidance=args.guidance,
+                        t_power=args.t_power, max_minutes=args.max_minutes, min_delta=args.min_delta,
+                        eval_share=args.eval_share)
     for name in ["batch_size", "epochs", "timesteps", "sample_steps"]:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -538,7 +539,7 @@ class Trainer:
                 break
 
             # end of epoch (or of the budget): validation, pictures, checkpoint, early stop,
-            # unless the last time was so recent that it would exceed EVAL_SHARE of the time
+            # unless the last time was so recent that this work would exceed --eval-share of the time
             if state["batch_in_epoch"] == self.batches_per_epoch:  # a whole epoch
                 state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
             due = (stop is not None or state["epoch"] >= args.epochs or self.elapsed() - self.last_eval_end
