@@ -252,8 +252,8 @@ def load_cifar10(data_dir, split="train", download=True):
             print(f"download failed: {type(e).__name__}: {e}", file=sys.stderr)
     if not all((folder / f).is_file() for f in files):
         fail(f"CIFAR-10 ({split} split) is not in {folder} and could not be downloaded.\n"
-             f"Put the python-version batches ({', '.join(files)}) into {folder}/, "
-             f"or connect to the internet.")
+             f"Put the python-version batches ({', '.join(files)}) into {folder}/, or the "
+             f"images as class folders into {image_folder}/<class>/, or connect to the internet.")
     images, labels = [], []
     for f in files:
         try:
