@@ -52,9 +52,9 @@ def add_training_args(p, kind):
     a("--lr", type=float, default=2e-4, help="peak learning rate of AdamW")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a("--warmup", type=int, default=500, help="linear learning-rate warmup, in steps")
-    a("--lr-schedule", choices=["constant", "cosine"], default="constant",
-      help="after warmup: constant, or cosine decay to 0 over --epochs or --max-minutes, "
-           "whichever runs out first")
+    a("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant",
+      help="after warmup: constant, or a cosine or linear decay to 0 over --epochs or "
+           "--max-minutes, whichever runs out first")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     a("--ema-decay", type=float, default=0.9999,
       help="EMA decay of the weights, reached after a warmup")
@@ -68,6 +68,9 @@ def add_training_args(p, kind):
       help="training timesteps t are drawn with density proportional to t^(power - 1): 1 is "
            "DDPM's uniform t, 2 a density rising linearly with t, which trains the noisy steps "
            "more")
+    a("--sigma-lognormal", type=float, nargs=2, default=None, metavar=("P_MEAN", "P_STD"),
+      help="instead of --t-power: draw noise levels as EDM does, ln sigma ~ N(P_MEAN, P_STD^2) "
+           "(Karras et al. 2022 use -1.2 1.2)")
     a("--class-cond", action="store_true", help="train a class-conditional model")
     a("--p-uncond", type=float, default=0.1,
       help="label dropout for classifier-free guidance")
@@ -122,6 +125,9 @@ def check_training_args(args):
     if args.schedule not in ("linear", "cosine") or args.prediction not in ("eps", "v"):
         fail(f"unknown schedule {args.schedule!r} or prediction {args.prediction!r} (a damaged "
              f"checkpoint?); the schedules are linear and cosine, the predictions eps and v")
+    lognormal = getattr(args, "sigma_lognormal", None)
+    if lognormal is not None and not (all(map(math.isfinite, lognormal)) and lognormal[1] > 0):
+        fail(f"--sigma-lognormal needs a finite P_MEAN and a positive P_STD, got {lognormal}")
     if args.warmup < 0 or args.patience < 1 or args.grad_clip <= 0:
         fail("--warmup must be >= 0, --patience >= 1 and --grad-clip > 0")
 
@@ -185,6 +191,20 @@ def training_timesteps(n, num_timesteps, power, device):
     """
     u = torch.rand(n, device=device)
     return (num_timesteps * u ** (1.0 / power)).long().clamp_(max=num_timesteps - 1)
+
+
+def lognormal_timesteps(n, alphas_cumprod, p_mean, p_std, device):
+    """n training timesteps whose noise levels follow EDM's log-normal density (Karras et al.
+    2022, arXiv:2206.00364, Table 1, "Training": ln sigma ~ N(P_mean, P_std^2)).
+
+    In DDPM terms sigma = sqrt((1 - abar_t) / abar_t), the noise-to-signal ratio of x_t; each
+    drawn sigma goes to the timestep whose sigma is nearest in log scale."""
+    log_sigma = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod).to(device)  # rises with t
+    draw = p_mean + p_std * torch.randn(n, device=device)
+    t = torch.searchsorted(log_sigma.float().contiguous(), draw.float().contiguous())
+    t = t.clamp(1, len(log_sigma) - 1)
+    below_is_nearer = (draw - log_sigma[t - 1]) < (log_sigma[t] - draw)
+    return torch.where(below_is_nearer, t - 1, t)
 
 
 def setup_distributed(device_name):
@@ -334,17 +354,19 @@ class Trainer:
     # -- the small named pieces of the loop -----------------------------------------------
 
     def learning_rate(self, step, elapsed):
-        """Linear warmup, then constant or a cosine decay over the budget's progress in [0, 1].
+        """Linear warmup, then constant, or a cosine or linear decay over the budget's progress
+        in [0, 1].
 
         The decay spans --epochs, or --max-minutes if that runs out first. --max-steps only
         stops the run, so a run cut short by it and resumed follows the same schedule."""
         args = self.args
         lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
-        if args.lr_schedule == "cosine":
+        if args.lr_schedule != "constant":
             progress = step / self.total_steps
             if args.max_minutes is not None:  # a wall-clock budget may run out first
                 progress = max(progress, elapsed / (60 * args.max_minutes))
-            lr *= 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            progress = min(progress, 1.0)
+            lr *= 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1 - progress
         return lr
 
     def batch(self, order, b):
@@ -498,7 +520,10 @@ class Trainer:
                 x0, y = self.batch(order, b)
 
                 # forward / backward: DDPM Alg. 1 on this batch, t drawn by training_timesteps
-                t = training_timesteps(len(x0), args.timesteps, args.t_power, self.device)
+                if getattr(args, "sigma_lognormal", None):
+                    t = lognormal_timesteps(len(x0), self.diffusion.alphas_cumprod, *args.sigma_lognormal, self.device)
+                else:
+                    t = training_timesteps(len(x0), args.timesteps, args.t_power, self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss = self.diffusion.loss(x0, y, p_uncond=args.p_uncond, t=t)
                 self.opt.zero_grad(set_to_none=True)

@@ -446,11 +446,30 @@ def test_unet_other_sizes_and_bad_size():
         D.DiffusionModel(image_size=30, hidden_dims=(8, 16, 32))
 
 
+def test_patch_stem_is_an_exact_rearrangement_of_pixels():
+    """With patch_size 2 the U-Net sees each 2x2 block of pixels as 4 channels at half the
+    resolution, and its 4-channel output is put back the same way (checked by index)."""
+    torch.manual_seed(0)
+    m = diffusion.DiffusionModel(hidden_dims=(16, 32), time_dim=16, patch_size=2).eval()
+    seen = {}
+    m.init_conv.register_forward_hook(lambda mod, inp, out: seen.update(stem_in=inp[0]))
+    m.out.register_forward_hook(lambda mod, inp, out: seen.update(unet_out=out))
+    x = torch.randn(2, 1, 28, 28)
+    out = m(x, torch.tensor([5, 900]))
+    assert seen["stem_in"].shape == (2, 4, 14, 14) and out.shape == x.shape
+    for a in range(2):
+        for b in range(2):  # channel 2a + b holds the pixels at rows 2i + a, columns 2j + b
+            assert torch.equal(seen["stem_in"][:, 2 * a + b], x[:, 0, a::2, b::2])
+            assert torch.equal(out[:, 0, a::2, b::2], seen["unet_out"][:, 2 * a + b])
+    with pytest.raises(ValueError, match="patch size 2"):
+        diffusion.DiffusionModel(hidden_dims=(16, 32, 64), patch_size=2)  # 28 / 2 / 4 is not whole
+
+
 def test_default_model_has_expected_layout():
     D = diffusion  # the MNIST U-Net; tests/test_cifar.py covers the CIFAR one
     m = D.DiffusionModel()
     assert m.config == dict(image_size=28, channels=1, hidden_dims=[16, 32, 64], time_dim=128,
-                            num_classes=None, adaptive_norm=True)
+                            num_classes=None, adaptive_norm=True, patch_size=1)
     # adaptive norm: the time embedding gives a scale and a shift per channel; without it
     # (checkpoints of the first version) only a shift, added before the norm
     assert m.downs[0].res.time_proj[1].out_features == 2 * 16

@@ -242,6 +242,10 @@ def test_ddim_compare_checks_its_out_dir_before_sampling(trained, tmp_path, monk
     (["--hidden-dims", "15", "31", "63"], "multiple of 8"),
     (["--hidden-dims", "8", "8", "2"], "multiple of 4"),
     (["--time-dim", "127"], "--time-dim must be even"),
+    (["--patch-size", "0"], "--patch-size must be at least 1"),
+    (["--patch-size", "2"], "divisible by 8 for --patch-size 2 and 3 levels"),
+    (["--sigma-lognormal", "-1.2", "0"], "a positive P_STD"),
+    (["--sigma-lognormal", "nan", "1"], "a finite P_MEAN"),
 ])
 def test_networks_that_cannot_be_built(mnist, extra, message):
     with pytest.raises(SystemExit, match=message):

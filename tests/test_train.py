@@ -261,12 +261,15 @@ def test_corrupted_idx_file(tmp_path):
         run(tmp_path)
 
 
-def test_cosine_learning_rate_schedule(mnist_dir):
+def test_cosine_and_linear_learning_rate_schedules(mnist_dir):
     # warmup of 1 step, then lr * (1 + cos(pi * step / total)) / 2 over one epoch of 5 steps
     run(mnist_dir, "--epochs", "1", "--warmup", "1", "--lr", "2e-3", "--lr-schedule", "cosine")
     with open(mnist_dir / "out" / "metrics.csv") as f:
         last_lr = float(list(csv.DictReader(f))[-1]["lr"])
     assert last_lr == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
+    run(mnist_dir, "--epochs", "1", "--warmup", "1", "--lr", "2e-3", "--lr-schedule", "linear", out="lin")
+    with open(mnist_dir / "lin" / "metrics.csv") as f:  # lr * (1 - step / total)
+        assert float(list(csv.DictReader(f))[-1]["lr"]) == pytest.approx(2e-3 * (1 - 4 / 5))
     run(mnist_dir, "--epochs", "1", "--warmup", "1", "--lr", "2e-3", "--lr-schedule", "constant", out="c")
     with open(mnist_dir / "c" / "metrics.csv") as f:
         assert float(list(csv.DictReader(f))[-1]["lr"]) == pytest.approx(2e-3)
@@ -285,6 +288,20 @@ def test_training_timesteps_have_density_proportional_to_t_to_the_power_minus_on
     ratio = counts[700:800].sum() / counts[200:300].sum()
     assert ratio.item() == pytest.approx((0.8 ** power - 0.7 ** power) / (0.3 ** power - 0.2 ** power), rel=0.05)
     assert counts[T - 1] > 0 and (power > 1 or counts[0] > 0)
+
+
+def test_lognormal_timesteps_follow_edm_noise_level_density():
+    # ln sigma_t of the drawn timesteps, sigma_t = sqrt((1 - abar_t) / abar_t), is N(P_mean, P_std^2)
+    torch.manual_seed(0)
+    abar = diffusion.GaussianDiffusion(None, 1000, "cosine").alphas_cumprod  # what training uses
+    t = training.lognormal_timesteps(200_000, abar, -1.2, 1.2, torch.device("cpu"))
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+    log_sigma = 0.5 * torch.log((1 - abar[t]) / abar[t])
+    assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.02)
+    assert log_sigma.std().item() == pytest.approx(1.2, abs=0.02)
+    # half the draws below the median noise level exp(-1.2): about t = 180 of 1000
+    median_t = int((0.5 * torch.log((1 - abar) / abar) < -1.2).sum())
+    assert (t < median_t).float().mean().item() == pytest.approx(0.5, abs=0.01)
 
 
 def test_old_checkpoints_resume_with_uniform_timesteps(mnist_dir):
