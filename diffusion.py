@@ -494,6 +494,9 @@ class GaussianDiffusion(nn.Module):
         With prediction="v" the target is v instead of eps: in terms of x0 the loss weight is
         then SNR + 1 rather than SNR (Salimans & Ho 2022, Sec. 4), so the almost pure-noise
         steps, where the rough shape of the image is decided, are no longer weighted by nearly zero.
+        This is also EDM's preconditioning and loss weight (Karras et al. 2022, arXiv:2206.00364,
+        Table 1) with sigma_data = 1: with sigma = sqrt((1 - abar) / abar), its network input
+        c_in (x0 + sigma eps) is x_t, its training target F is -v, and its weight is 1.
         t is uniform over all T steps unless the caller passes it (a training script may draw
         it with another density; a validation loss fixes t and noise). For a conditional model,
         labels are replaced by the null class with probability p_uncond (classifier-free guidance).

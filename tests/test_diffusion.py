@@ -127,6 +127,24 @@ def test_v_conversions_recover_x0_and_eps(D):
     assert d.loss(x0, t=t, noise=eps).item() < 1e-10
 
 
+def test_v_prediction_is_edm_preconditioning_with_sigma_data_one(D):
+    """Karras et al. 2022, Table 1: D(y) = c_skip y + c_out F(c_in y), y = x0 + sigma eps, loss
+    weight lambda = (sigma^2 + sd^2) / (sigma sd)^2. With sd = 1 and sigma = sqrt((1-abar)/abar)
+    the network sees x_t, its target is -v, and lambda c_out^2 = 1: the plain v-MSE."""
+    d = make(D, prediction="v")
+    x0, eps = x_star((3, 1, 4, 4)), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([3, 400, 990])
+    abar = d.alphas_cumprod[t].double()[:, None, None, None]
+    sigma, sd = ((1 - abar) / abar).sqrt(), 1.0
+    y = x0 + sigma * eps
+    c_skip, c_out = sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+    c_in, lam = 1 / (sigma ** 2 + sd ** 2).sqrt(), (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+    edm_target = (x0 - c_skip * y) / c_out  # what F must output for D(y) = x0
+    assert torch.allclose(c_in * y, d.q_sample(x0, t, eps).double(), atol=1e-5)
+    assert torch.allclose(edm_target, -d.velocity(x0, t, eps).double(), atol=1e-4)
+    assert torch.allclose(lam * c_out ** 2, torch.ones_like(lam))
+
+
 def test_v_prediction_keeps_x0_defined_in_pure_noise(D):
     """At t = T-1, x0 from eps divides by sqrt(abar) ~ 5e-5: an eps error of 0.01 becomes an
     x0 error of ~200. From v the same error stays ~0.01. This is why v suits the cosine schedule."""
