@@ -384,6 +384,7 @@ def load_checkpoint(path, kind=None):
     ckpt["diffusion"].setdefault("prediction", "eps")
     if isinstance(ckpt.get("args"), dict):
         ckpt["args"].setdefault("t_power", 1.0)  # uniform training timesteps
+        ckpt["args"].setdefault("sigma_lognormal", None)
     if ckpt["kind"] == "mnist":
         ckpt["model_config"].setdefault("adaptive_norm", False)
     check_weights_finite(ckpt, path)

@@ -125,7 +125,7 @@ def check_training_args(args):
     if args.schedule not in ("linear", "cosine") or args.prediction not in ("eps", "v"):
         fail(f"unknown schedule {args.schedule!r} or prediction {args.prediction!r} (a damaged "
              f"checkpoint?); the schedules are linear and cosine, the predictions eps and v")
-    lognormal = getattr(args, "sigma_lognormal", None)
+    lognormal = args.sigma_lognormal
     if lognormal is not None and not (all(map(math.isfinite, lognormal)) and lognormal[1] > 0):
         fail(f"--sigma-lognormal needs a finite P_MEAN and a positive P_STD, got {lognormal}")
     if args.warmup < 0 or args.patience < 1 or args.grad_clip <= 0:
@@ -369,6 +369,14 @@ class Trainer:
             lr *= 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1 - progress
         return lr
 
+    def draw_timesteps(self, n):
+        """Training timesteps: density ~ t^(power - 1) (--t-power), or EDM's log-normal noise
+        levels (--sigma-lognormal)."""
+        if self.args.sigma_lognormal is not None:
+            return lognormal_timesteps(n, self.diffusion.alphas_cumprod, *self.args.sigma_lognormal,
+                                       self.device)
+        return training_timesteps(n, self.args.timesteps, self.args.t_power, self.device)
+
     def batch(self, order, b):
         """The b-th batch of this epoch: uint8 images -> [-1, 1], in the model's layout, augmented."""
         idx = order[b * self.args.batch_size:(b + 1) * self.args.batch_size]
@@ -519,11 +527,8 @@ class Trainer:
                 # data
                 x0, y = self.batch(order, b)
 
-                # forward / backward: DDPM Alg. 1 on this batch, t drawn by training_timesteps
-                if getattr(args, "sigma_lognormal", None):
-                    t = lognormal_timesteps(len(x0), self.diffusion.alphas_cumprod, *args.sigma_lognormal, self.device)
-                else:
-                    t = training_timesteps(len(x0), args.timesteps, args.t_power, self.device)
+                # forward / backward: DDPM Alg. 1 on this batch, t drawn by draw_timesteps
+                t = self.draw_timesteps(len(x0))
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss = self.diffusion.loss(x0, y, p_uncond=args.p_uncond, t=t)
                 self.opt.zero_grad(set_to_none=True)
