@@ -546,8 +546,11 @@ def test_readme_math_tour_links_land_on_the_code():
     import re
     root = Path(__file__).resolve().parent.parent
     lines = (root / "diffusion.py").read_text().splitlines()
-    links = [int(n) for n in re.findall(r"\(diffusion\.py#L(\d+)\)", (root / "README.md").read_text())]
+    readme = (root / "README.md").read_text()
+    links = [int(n) for n in re.findall(r"\(diffusion\.py#L(\d+)\)", readme)]
     assert len(links) >= 10
+    for text, anchor in re.findall(r"\[line (\d+)\]\(diffusion\.py#L(\d+)\)", readme):
+        assert text == anchor, f"the link text says line {text} but points at line {anchor}"
     for n in links:
         line = lines[n - 1].strip()
         assert line.startswith("def ") or "#" in line, (n, line)
