@@ -481,6 +481,8 @@ def test_patch_stem_is_an_exact_rearrangement_of_pixels():
             assert torch.equal(out[:, 0, a::2, b::2], seen["unet_out"][:, 2 * a + b])
     with pytest.raises(ValueError, match="patch size 2"):
         diffusion.DiffusionModel(hidden_dims=(16, 32, 64), patch_size=2)  # 28 / 2 / 4 is not whole
+    with pytest.raises(ValueError, match="patch_size must be at least 1"):
+        diffusion.DiffusionModel(patch_size=0)  # e.g. a damaged checkpoint config
 
 
 def test_default_model_has_expected_layout():
