@@ -199,9 +199,9 @@ def lognormal_timesteps(n, alphas_cumprod, p_mean, p_std, device):
 
     In DDPM terms sigma = sqrt((1 - abar_t) / abar_t), the noise-to-signal ratio of x_t; each
     drawn sigma goes to the timestep whose sigma is nearest in log scale."""
-    log_sigma = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod).to(device)  # rises with t
+    log_sigma = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod).float().to(device)  # rises with t
     draw = p_mean + p_std * torch.randn(n, device=device)
-    t = torch.searchsorted(log_sigma.float().contiguous(), draw.float().contiguous())
+    t = torch.searchsorted(log_sigma, draw)
     t = t.clamp(1, len(log_sigma) - 1)
     below_is_nearer = (draw - log_sigma[t - 1]) < (log_sigma[t] - draw)
     return torch.where(below_is_nearer, t - 1, t)
