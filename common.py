@@ -380,13 +380,16 @@ def load_checkpoint(path, kind=None):
              f"({MODEL_MODULES[ckpt['kind']]}.py); use {TRAIN_SCRIPTS[ckpt['kind']]} with it, "
              f"not this script, which trains the {kind} model")
     # checkpoints saved before these options existed hold an eps model, and for MNIST a
-    # network whose time embedding is added rather than scaling the norm
+    # network whose time embedding is added rather than scaling the norm, without self-conditioning
     ckpt["diffusion"].setdefault("prediction", "eps")
     if isinstance(ckpt.get("args"), dict):
         ckpt["args"].setdefault("t_power", 1.0)  # uniform training timesteps
         ckpt["args"].setdefault("sigma_lognormal", None)
+        if ckpt["kind"] == "mnist":
+            ckpt["args"].setdefault("self_cond", False)
     if ckpt["kind"] == "mnist":
         ckpt["model_config"].setdefault("adaptive_norm", False)
+        ckpt["model_config"].setdefault("self_cond", False)
     check_weights_finite(ckpt, path)
     return ckpt
 

@@ -176,10 +176,14 @@ class DiffusionModel(nn.Module):
     lost, and a CPU no longer moves 28x28 feature maps of a few channels through memory. With
     p = 2 and widths (32, 64), levels 14 -> 7: 1.6x the training images/s, but each step
     learns less, and after 10 minutes the FID is worse (RESULTS.md), so the default is p = 1.
+
+    self_cond: the network also sees an estimate of x0, stacked onto x_t as extra input
+    channels (self-conditioning, Chen, Zhang & Hinton 2022, "Analog Bits", arXiv:2208.04202,
+    Sec. 3): zeros, or its own earlier prediction; GaussianDiffusion decides which.
     """
 
     def __init__(self, image_size=28, channels=1, hidden_dims=(16, 32, 64), time_dim=128,
-                 num_classes=None, adaptive_norm=True, patch_size=1):
+                 num_classes=None, adaptive_norm=True, patch_size=1, self_cond=False):
         super().__init__()
         hidden_dims = tuple(hidden_dims)
         levels = len(hidden_dims)
@@ -191,16 +195,17 @@ class DiffusionModel(nn.Module):
                              f"and {levels} U-Net levels")
         self.config = dict(image_size=image_size, channels=channels, hidden_dims=list(hidden_dims),
                            time_dim=time_dim, num_classes=num_classes, adaptive_norm=adaptive_norm,
-                           patch_size=patch_size)
+                           patch_size=patch_size, self_cond=self_cond)
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
-        self.patch_size = patch_size
+        self.patch_size, self.self_cond = patch_size, self_cond
         unet_channels = channels * patch_size ** 2  # what the U-Net itself sees and outputs
 
         self.time_embed = TimeEmbedding(time_dim)
         # num_classes real classes + 1 null class at index num_classes
         self.class_embed = nn.Embedding(num_classes + 1, time_dim) if num_classes else None
 
-        self.init_conv = nn.Conv2d(unet_channels, hidden_dims[0], 3, padding=1)
+        in_channels = 2 * unet_channels if self_cond else unet_channels  # x_t (and the x0 estimate)
+        self.init_conv = nn.Conv2d(in_channels, hidden_dims[0], 3, padding=1)
         ins = (hidden_dims[0],) + hidden_dims[:-1]
         self.downs = nn.ModuleList(
             DownBlock(i, o, time_dim, downsample=(k < levels - 1), adaptive_norm=adaptive_norm)
@@ -215,7 +220,11 @@ class DiffusionModel(nn.Module):
         self.out = nn.Sequential(group_norm(hidden_dims[0]), nn.SiLU(),
                                  nn.Conv2d(hidden_dims[0], unet_channels, 3, padding=1))
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, x0_self=None):
+        """x: x_t (B, C, H, W), t: (B,) timesteps, y: (B,) labels or None; x0_self: the x0
+        estimate a self-conditioned network sees (None: zeros, "no estimate yet")."""
+        if self.self_cond:
+            x = torch.cat([x, torch.zeros_like(x) if x0_self is None else x0_self], dim=1)
         emb = self.time_embed(t)  # (B, time_dim)
         if self.class_embed is not None:
             if y is None:
@@ -411,9 +420,14 @@ class GaussianDiffusion(nn.Module):
     (prediction="v", Salimans & Ho 2022, Sec. 4). Every sampler works with either.
     Each sampler is one step (ddpm_step, ddim_step, dpm_solver_step) that a shared loop,
     _sample_loop, runs from pure noise down to the image.
+
+    A self-conditioned network (DiffusionModel(self_cond=True); self_cond=None reads the flag
+    off the network) is also given an estimate of x0: during training its own first guess on
+    half the batches (loss), during sampling the x0 that the step before predicted. The
+    sampler updates themselves, DDPM's, DDIM's and DPM-Solver++'s, do not change.
     """
 
-    def __init__(self, model, timesteps=1000, schedule="cosine", prediction="eps"):
+    def __init__(self, model, timesteps=1000, schedule="cosine", prediction="eps", self_cond=None):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose from {sorted(SCHEDULES)}")
@@ -423,6 +437,9 @@ class GaussianDiffusion(nn.Module):
         self.num_timesteps = int(timesteps)
         self.schedule = schedule
         self.prediction = prediction
+        if self_cond is None:  # ask the network, through a DDP (.module) or torch.compile wrapper
+            self_cond = getattr(getattr(model, "module", model), "self_cond", False)
+        self.self_cond = bool(self_cond)
 
         betas = SCHEDULES[schedule](self.num_timesteps)  # float64
         alphas = 1.0 - betas
@@ -489,9 +506,25 @@ class GaussianDiffusion(nn.Module):
         s = _extract(self.sqrt_one_minus_alphas_cumprod, t, xt)  # sqrt(1 - abar_t)
         return a * xt - s * v, s * xt + a * v
 
+    def x0_and_eps(self, xt, t, out):
+        """The network's output `out` at (x_t, t) as the pair (x0, eps), for either prediction."""
+        if self.prediction == "eps":
+            return self.predict_x0_from_eps(xt, t, out), out  # DDPM Eq. 15
+        return self.x0_and_eps_from_v(xt, t, out)
+
+    def network(self, xt, t, y=None, x0_self=None):
+        """One call of the network at (x_t, t[, y]); t holds a timestep per image.
+
+        A self-conditioned network also gets x0_self, an earlier estimate of x0, clipped to
+        the data range [-1, 1] (None: zeros). Any other network gets only (x_t, t[, y])."""
+        inputs = (xt, t) if y is None else (xt, t, y)
+        if not self.self_cond:
+            return self.model(*inputs)
+        return self.model(*inputs, x0_self=None if x0_self is None else x0_self.clamp(-1, 1))
+
     # -- training ------------------------------------------------------------------------
 
-    def loss(self, x0, y=None, p_uncond=0.1, t=None, noise=None):
+    def loss(self, x0, y=None, p_uncond=0.1, t=None, noise=None, p_self_cond=0.5):
         """L_simple = E_{t, x0, eps} ||eps - eps_theta(x_t, t)||^2.  DDPM Alg. 1, Eq. 14.
 
         With prediction="v" the target is v instead of eps: in terms of x0 the loss weight is
@@ -503,6 +536,12 @@ class GaussianDiffusion(nn.Module):
         t is uniform over all T steps unless the caller passes it (a training script may draw
         it with another density; a validation loss fixes t and noise). For a conditional model,
         labels are replaced by the null class with probability p_uncond (classifier-free guidance).
+
+        Self-conditioning (Chen et al. 2022, Alg. 1): with probability p_self_cond the whole
+        batch goes through the network twice. The first call gets no estimate (zeros) and its x0
+        prediction, with no gradient through it, is the second call's x0_self; only the second
+        call is trained. Otherwise one call with zeros, so the network also learns to start a
+        sampling chain, where no estimate exists yet. A validation loss passes p_self_cond=1.
         """
         B = x0.shape[0]
         if t is None:
@@ -514,41 +553,42 @@ class GaussianDiffusion(nn.Module):
             drop = torch.rand(B, device=x0.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
         target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
-        pred = self.model(xt, t) if y is None else self.model(xt, t, y)
+        x0_self = None
+        if self.self_cond and torch.rand(()) < p_self_cond:
+            with torch.no_grad():
+                x0_self, _ = self.x0_and_eps(xt, t, self.network(xt, t, y))  # the first guess
+        pred = self.network(xt, t, y, x0_self)
         return F.mse_loss(pred, target)
 
     # -- what every sampler asks the network -------------------------------------------------
 
-    def guided_output(self, xt, t, y=None, guidance=1.0):
+    def guided_output(self, xt, t, y=None, guidance=1.0, x0_self=None):
         """The network output at (x_t, t), with classifier-free guidance when y is given and
-        guidance != 1.
+        guidance != 1. x0_self: the estimate a self-conditioned network sees (see network).
 
         Guided: eps = eps_uncond + w (eps_cond - eps_uncond), both halves in one network call
         (for v the same: v is affine in eps at fixed x_t). This w is 1 + w of Ho & Salimans
         2022, Eq. 6: w = 1 is the plain conditional model.
         """
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
-        if y is None:
-            return self.model(xt, tt)
-        if guidance == 1.0:
-            return self.model(xt, tt, y)
-        eps_cond, eps_uncond = self.model(
+        if y is None or guidance == 1.0:
+            return self.network(xt, tt, y, x0_self)
+        both = None if x0_self is None else torch.cat([x0_self, x0_self])
+        eps_cond, eps_uncond = self.network(
             torch.cat([xt, xt]), torch.cat([tt, tt]),
-            torch.cat([y, torch.full_like(y, NULL_CLASS)])).chunk(2)
+            torch.cat([y, torch.full_like(y, NULL_CLASS)]), both).chunk(2)
         return eps_uncond + guidance * (eps_cond - eps_uncond)  # classifier-free guidance
 
-    def predict_x0_and_eps(self, xt, t, y=None, guidance=1.0, clip_x0=False):
+    def predict_x0_and_eps(self, xt, t, y=None, guidance=1.0, clip_x0=False, x0_self=None):
         """The denoiser: predicted x0 and eps at (x_t, t), from one network call.
 
         t is one integer timestep for the whole batch. Clipping x0 to [-1, 1] re-derives eps
-        from the clipped x0, so that the pair stays consistent with x_t (Eq. 4).
+        from the clipped x0, so that the pair stays consistent with x_t (Eq. 4). x0_self: the
+        estimate a self-conditioned network sees (the samplers pass the last step's x0_pred).
         """
-        out = self.guided_output(xt, t, y, guidance)
+        out = self.guided_output(xt, t, y, guidance, x0_self)
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
-        if self.prediction == "eps":
-            eps, x0_pred = out, self.predict_x0_from_eps(xt, tt, out)  # DDPM Eq. 15
-        else:
-            x0_pred, eps = self.x0_and_eps_from_v(xt, tt, out)
+        x0_pred, eps = self.x0_and_eps(xt, tt, out)
         if clip_x0:
             x0_pred = x0_pred.clamp(-1, 1)
             eps = self.predict_eps_from_x0(xt, tt, x0_pred)
@@ -565,7 +605,9 @@ class GaussianDiffusion(nn.Module):
 
     def _sample_loop(self, shape, seq, step, generator, noise, return_trajectory, progress, desc):
         """Start from x_T ~ N(0, I) (or the given noise) and apply `step` at each timestep of
-        `seq`, which descends to t = 0. step(x, i) -> (x at the next timestep, predicted x0).
+        `seq`, which descends to t = 0. step(x, i, x0_self) -> (x at the next timestep,
+        predicted x0), where x0_self is the x0 the step before predicted (None at the first
+        step): what a self-conditioned network sees (Chen et al. 2022, Alg. 2).
 
         Returns images in [-1, 1], and with return_trajectory also a dict of the timesteps, the
         x_t each step started from, and the predicted x0 at each step (on the CPU).
@@ -577,8 +619,9 @@ class GaussianDiffusion(nn.Module):
         if progress:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc=desc, leave=False)
+        x0_pred = None
         for i in steps:
-            x_next, x0_pred = step(x, i)
+            x_next, x0_pred = step(x, i, x0_pred)
             if return_trajectory:
                 traj["t"].append(seq[i])
                 traj["xt"].append(x.cpu())
@@ -592,7 +635,7 @@ class GaussianDiffusion(nn.Module):
     # -- DDPM ------------------------------------------------------------------------------
 
     def ddpm_step(self, xt, t, y=None, guidance=1.0, clip_x0=True, variance="posterior",
-                  generator=None):
+                  generator=None, x0_self=None):
         """One ancestral step x_t -> x_{t-1} (DDPM Alg. 2, lines 3-4). Returns (x_{t-1}, x0_pred).
 
         Alg. 2 writes the mean as 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps); with x0
@@ -600,7 +643,7 @@ class GaussianDiffusion(nn.Module):
         checked in tests). The Eq. 7 form lets x0 be clipped to [-1, 1] first, as the DDPM code
         does. sigma_t^2 is beta-tilde_t (variance="posterior") or beta_t ("beta"), Sec. 3.2.
         """
-        x0_pred, _ = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0)
+        x0_pred, _ = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0, x0_self)
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
         mean, posterior_var = self.q_posterior(x0_pred, xt, tt)  # DDPM Eq. 7 (= Eq. 11)
         if t == 0:
@@ -617,8 +660,8 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"variance must be 'posterior' or 'beta', got {variance!r}")
         seq = list(range(self.num_timesteps - 1, -1, -1))
 
-        def step(x, i):
-            return self.ddpm_step(x, seq[i], y, guidance, clip_x0, variance, generator)
+        def step(x, i, x0_self):
+            return self.ddpm_step(x, seq[i], y, guidance, clip_x0, variance, generator, x0_self)
 
         return self._sample_loop(shape, seq, step, generator, noise, return_trajectory, progress, "DDPM")
 
@@ -633,14 +676,15 @@ class GaussianDiffusion(nn.Module):
         """alpha-bar at code timestep t in float64; t = -1 means x0 itself, where it is 1."""
         return float(self.alphas_cumprod_f64[t]) if t >= 0 else 1.0
 
-    def ddim_step(self, xt, t, t_prev, eta=0.0, y=None, guidance=1.0, clip_x0=True, generator=None):
+    def ddim_step(self, xt, t, t_prev, eta=0.0, y=None, guidance=1.0, clip_x0=True, generator=None,
+                  x0_self=None):
         """One DDIM step from timestep t to the earlier t_prev (t_prev = -1: to x0).  DDIM Eq. 12.
 
         x_prev = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma_t^2) eps + sigma_t z.
         Returns (x_prev, x0_pred).
         """
         alpha_bar_t, alpha_bar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
-        x0_pred, eps = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0)
+        x0_pred, eps = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0, x0_self)
         sigma_t = self.ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)  # DDIM Eq. 16
         dir_xt = math.sqrt(max(1 - alpha_bar_prev - sigma_t ** 2, 0.0)) * eps  # "direction pointing to x_t"
         x_prev = math.sqrt(alpha_bar_prev) * x0_pred + dir_xt  # DDIM Eq. 12
@@ -660,9 +704,9 @@ class GaussianDiffusion(nn.Module):
         """
         seq = SPACINGS[spacing](self.alphas_cumprod_f64, steps)
 
-        def step(x, i):
+        def step(x, i, x0_self):
             t_prev = seq[i + 1] if i + 1 < len(seq) else -1  # -1: the last step lands on x0
-            return self.ddim_step(x, seq[i], t_prev, eta, y, guidance, clip_x0, generator)
+            return self.ddim_step(x, seq[i], t_prev, eta, y, guidance, clip_x0, generator, x0_self)
 
         return self._sample_loop(shape, seq, step, generator, noise, return_trajectory, progress,
                                  f"DDIM {steps}")
@@ -674,17 +718,19 @@ class GaussianDiffusion(nn.Module):
 
         It visits the DDIM sub-sequence in reverse, evaluating eps at the step's target
         timestep, so that ddim_sample(..., noise=x_T, steps, clip_x0=False) retraces it.
-        Makes exactly `steps` network calls.
+        Makes exactly `steps` network calls. A self-conditioned network sees the x0 it
+        predicted one step lower; sampling feeds it the one from a step higher, so for such a
+        network the retrace is close, not exact.
         """
         seq = ddim_timesteps(self.num_timesteps, steps)[::-1]  # ascending: 0 ... T-1
         if progress:
             from tqdm.auto import tqdm
             seq = tqdm(seq, desc="DDIM inversion", leave=False)
-        x = x0
+        x, x0_self = x0, None
         alpha_bar_prev = 1.0  # x0 is the "timestep before" the first one
         for t in seq:
             alpha_bar_t = self._alpha_bar(t)
-            _, eps = self.predict_x0_and_eps(x, t, y, guidance, clip_x0=False)
+            x0_self, eps = self.predict_x0_and_eps(x, t, y, guidance, clip_x0=False, x0_self=x0_self)
             x0_pred = (x - math.sqrt(1 - alpha_bar_prev) * eps) / math.sqrt(alpha_bar_prev)
             x = math.sqrt(alpha_bar_t) * x0_pred + math.sqrt(1 - alpha_bar_t) * eps  # Eq. 12, eta = 0
             alpha_bar_prev = alpha_bar_t
@@ -692,7 +738,8 @@ class GaussianDiffusion(nn.Module):
 
     # -- DPM-Solver++(2M) -------------------------------------------------------------------
 
-    def dpm_solver_step(self, xt, t, t_prev, y=None, guidance=1.0, clip_x0=True, previous=None):
+    def dpm_solver_step(self, xt, t, t_prev, y=None, guidance=1.0, clip_x0=True, previous=None,
+                        x0_self=None):
         """One DPM-Solver++(2M) step from timestep t to the earlier t_prev (-1: to x0).
         Lu et al. 2022, "DPM-Solver++", arXiv:2211.01095, Alg. 2.
 
@@ -708,7 +755,7 @@ class GaussianDiffusion(nn.Module):
         alpha_bar_t, alpha_bar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
         alpha_t, sigma_t = math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t)
         alpha_prev, sigma_prev = math.sqrt(alpha_bar_prev), math.sqrt(1 - alpha_bar_prev)
-        x0_pred, _ = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0)
+        x0_pred, _ = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0, x0_self)
         # e^{-h} with h = lambda_prev - lambda_t, the step in log-SNR; 0 when landing on x0
         exp_neg_h = (alpha_t * sigma_prev) / (sigma_t * alpha_prev)
         d = x0_pred  # first order: x0 held constant over the step (Alg. 2, line 4)
@@ -739,10 +786,11 @@ class GaussianDiffusion(nn.Module):
         seq = SPACINGS[spacing](self.alphas_cumprod_f64, steps)
         history = []  # (t, x0_pred) of the step before: the "multistep" memory
 
-        def step(x, i):
+        def step(x, i, x0_self):
             t_prev = seq[i + 1] if i + 1 < len(seq) else -1  # -1: the last step lands on x0
             previous = history[-1] if history else None
-            x_prev, x0_pred = self.dpm_solver_step(x, seq[i], t_prev, y, guidance, clip_x0, previous)
+            x_prev, x0_pred = self.dpm_solver_step(x, seq[i], t_prev, y, guidance, clip_x0, previous,
+                                                   x0_self)
             history.append((seq[i], x0_pred))
             return x_prev, x0_pred
 

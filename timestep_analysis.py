@@ -182,7 +182,8 @@ def loss_per_timestep(diffusion, x0, points, seed):
     losses = []
     for t in ts:
         tt = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
-        losses.append(diffusion.loss(x0, p_uncond=0.0, t=tt, noise=noise).item())  # L_simple at t
+        extra = {"p_self_cond": 1.0} if getattr(diffusion, "self_cond", False) else {}  # not at random
+        losses.append(diffusion.loss(x0, p_uncond=0.0, t=tt, noise=noise, **extra).item())  # L_simple at t
     return ts, losses
 
 

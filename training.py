@@ -253,6 +253,8 @@ class Trainer:
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.sampler = module.GaussianDiffusion(self.ema_model, args.timesteps, args.schedule,
                                                 args.prediction).to(self.device)
+        # a self-conditioned network is validated as it samples: always with its own first guess
+        self.val_extra = {"p_self_cond": 1.0} if getattr(self.sampler, "self_cond", False) else {}
         # the fused (single-kernel) AdamW on CUDA; the foreach one elsewhere
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                      fused=self.device.type == "cuda")
@@ -398,7 +400,7 @@ class Trainer:
             x0 = self.val_x0[sl].to(self.device).contiguous(memory_format=self.layout)
             y = self.val_y[sl].to(self.device) if self.val_y is not None else None
             total += self.sampler.loss(x0, y, p_uncond=0.0, t=self.val_t[sl].to(self.device),
-                                       noise=self.val_noise[sl].to(self.device)).item() * len(x0)
+                                       noise=self.val_noise[sl].to(self.device), **self.val_extra).item() * len(x0)
         return total / len(self.val_x0)
 
     def sample_grid(self, path):

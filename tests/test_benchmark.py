@@ -20,8 +20,9 @@ def test_benchmark_reports_every_row(tmp_path):
     for r in out["rows"][:2]:  # train and forward: achieved GFLOP/s = FLOPs per image x images/s
         assert r["gflops"] == pytest.approx(r["gflop_per_image"] * r["images_per_s"])
         assert r["percent_of_peak"] == pytest.approx(100 * r["gflops"] / out["env"]["matmul_peak_gflops"])
-    # a training step costs about three forward passes (backward ~ 2x forward)
-    assert 2.5 < out["rows"][0]["gflop_per_image"] / out["rows"][1]["gflop_per_image"] < 3.5
+    # a training step costs about three forward passes (backward ~ 2x forward), four when
+    # self-conditioning makes its first call (on half the steps)
+    assert 2.5 < out["rows"][0]["gflop_per_image"] / out["rows"][1]["gflop_per_image"] < 4.5
     assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["task"] == "train"
     assert "| model |" in (tmp_path / "benchmark.md").read_text()
 

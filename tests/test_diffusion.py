@@ -435,6 +435,101 @@ def test_loss_drops_labels_to_null_class(D):
     assert set(seen[0].tolist()) == {3, D.NULL_CLASS}
 
 
+# -- self-conditioning (MNIST module) ---------------------------------------------------------
+
+
+class SelfConditionedGaussian(GaussianDenoiser):
+    """The exact Gaussian denoiser, posing as a self-conditioned network: it records the
+    estimate it is given (and whether a gradient is being taken) and ignores it."""
+    self_cond = True
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen = []
+
+    def __call__(self, x, t, y=None, x0_self=None):
+        self.seen.append(None if x0_self is None else x0_self.clone())
+        return super().__call__(x, t, y)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver"])
+def test_samplers_feed_a_self_conditioned_network_the_last_x0(sampler):
+    """Chen et al. 2022, Alg. 2: step i sees the x0 that step i - 1 predicted (clipped to
+    [-1, 1]), the first step sees none; the sampler's own update is unchanged."""
+    d = diffusion.GaussianDiffusion(None, 100, "cosine", "v")
+    net = SelfConditionedGaussian(d, 0.1, 2.0, "v")  # data spread wider than [-1, 1]
+    d.model, d.self_cond = net, True
+    plain = diffusion.GaussianDiffusion(GaussianDenoiser(d, 0.1, 2.0, "v"), 100, "cosine", "v")
+    assert not plain.self_cond  # read off the network, which has no self_cond
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    kw = dict(noise=noise, clip_x0=False, generator=torch.Generator().manual_seed(1))
+    kw_plain = dict(kw, generator=torch.Generator().manual_seed(1))
+    if sampler == "ddpm":
+        out, traj = d.ddpm_sample(noise.shape, return_trajectory=True, **kw)
+        ref = plain.ddpm_sample(noise.shape, **kw_plain)
+    elif sampler == "ddim":
+        out, traj = d.ddim_sample(noise.shape, steps=10, return_trajectory=True, **kw)
+        ref = plain.ddim_sample(noise.shape, steps=10, **kw_plain)
+    else:
+        out, traj = d.dpm_solver_sample(noise.shape, steps=10, return_trajectory=True, **kw)
+        ref = plain.dpm_solver_sample(noise.shape, steps=10, **kw_plain)
+    assert torch.equal(out, ref)
+    assert net.seen[0] is None and len(net.seen) == len(traj["t"])
+    assert traj["x0_pred"].abs().max() > 1  # so the clip below is tested
+    for i in range(1, len(net.seen)):
+        assert torch.equal(net.seen[i], traj["x0_pred"][i - 1].clamp(-1, 1))
+    # with guidance both halves of the batched call see the same estimate
+    d.guided_output(noise, 5, torch.tensor([1, 2, 3]), guidance=2.0, x0_self=noise)
+    assert torch.equal(net.seen[-1], torch.cat([noise, noise]).clamp(-1, 1))
+
+
+def test_self_conditioning_loss_trains_only_the_second_call():
+    """Chen et al. 2022, Alg. 1: with p_self_cond = 1 the network first guesses x0 from zeros
+    without a gradient, then is trained on (x_t, clipped guess); with 0 only the first call."""
+    calls = []
+
+    class Net(torch.nn.Module):
+        self_cond = True
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.7))
+
+        def forward(self, x, t, y=None, x0_self=None):
+            calls.append((x0_self, torch.is_grad_enabled()))
+            return self.w * x + (0 if x0_self is None else 0.5 * x0_self)
+
+    net = Net()
+    d = diffusion.GaussianDiffusion(net, 100, "cosine", "v")
+    x0 = x_star((4, 1, 3, 3))
+    t = torch.tensor([99, 70, 30, 5])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)) * 2
+    loss = d.loss(x0, t=t, noise=noise, p_self_cond=1.0)
+    loss.backward()
+    # the same by hand: x_t, the first guess of x0 from v, its clip, the second call's v
+    a = d.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+    s = d.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = a * x0 + s * noise
+    guess = (a * xt - s * 0.7 * xt).clamp(-1, 1)  # x0 = sqrt(abar) x_t - sqrt(1 - abar) v
+    assert guess.abs().max() == 1  # the clip matters here
+    pred = 0.7 * xt + 0.5 * guess
+    target = a * noise - s * x0
+    assert [c[1] for c in calls] == [False, True] and calls[0][0] is None
+    assert torch.allclose(calls[1][0], guess, atol=1e-6)
+    assert loss.item() == pytest.approx(((pred - target) ** 2).mean().item(), rel=1e-5)
+    # the gradient reaches w through the second call only (d pred / d w = x_t)
+    assert net.w.grad.item() == pytest.approx((2 * (pred - target) * xt).mean().item(), rel=1e-4)
+    calls.clear()
+    d.loss(x0, t=t, noise=noise, p_self_cond=0.0)
+    assert len(calls) == 1 and calls[0][0] is None
+    # by default half the batches take the two calls
+    calls.clear()
+    torch.manual_seed(0)
+    for _ in range(400):
+        d.loss(x0, t=t, noise=noise)
+    assert (len(calls) - 400) / 400 == pytest.approx(0.5, abs=0.08)
+
+
 # -- the MNIST U-Net -------------------------------------------------------------------------------
 
 
@@ -464,6 +559,18 @@ def test_unet_other_sizes_and_bad_size():
         D.DiffusionModel(image_size=30, hidden_dims=(8, 16, 32))
 
 
+def test_self_conditioned_unet_sees_its_estimate_as_extra_channels():
+    torch.manual_seed(0)
+    m = diffusion.DiffusionModel(hidden_dims=(16, 32, 32), time_dim=32, self_cond=True).eval()
+    assert m.init_conv.in_channels == 2 and m.config["self_cond"]
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 600])
+    estimate = torch.rand(2, 1, 28, 28) * 2 - 1
+    assert torch.equal(m(x, t), m(x, t, x0_self=torch.zeros_like(x)))  # None: "no estimate yet"
+    assert not torch.allclose(m(x, t), m(x, t, x0_self=estimate))
+    assert diffusion.GaussianDiffusion(m).self_cond
+    assert not diffusion.GaussianDiffusion(diffusion.DiffusionModel(hidden_dims=(8, 16))).self_cond
+
+
 def test_patch_stem_is_an_exact_rearrangement_of_pixels():
     """With patch_size 2 the U-Net sees each 2x2 block of pixels as 4 channels at half the
     resolution, and its 4-channel output is put back the same way (checked by index)."""
@@ -489,7 +596,7 @@ def test_default_model_has_expected_layout():
     D = diffusion  # the MNIST U-Net; tests/test_cifar.py covers the CIFAR one
     m = D.DiffusionModel()
     assert m.config == dict(image_size=28, channels=1, hidden_dims=[16, 32, 64], time_dim=128,
-                            num_classes=None, adaptive_norm=True, patch_size=1)
+                            num_classes=None, adaptive_norm=True, patch_size=1, self_cond=False)
     # adaptive norm: the time embedding gives a scale and a shift per channel; without it
     # (checkpoints of the first version) only a shift, added before the norm
     assert m.downs[0].res.time_proj[1].out_features == 2 * 16

@@ -152,15 +152,16 @@ def test_timestep_analysis_end_to_end(setup, tmp_path):
 
 def test_loss_per_timestep_is_the_training_loss(setup):
     """The curve shows the quantity the model was trained on: at each t it equals the model's
-    own loss (v-prediction here) with the same images, timestep and noise."""
+    own loss (v-prediction here) with the same images, timestep and noise; for a
+    self-conditioned model always with its first guess, as it samples."""
     import common
     ckpt = common.load_checkpoint(setup / "u" / "last.pt")
     _, d, _ = common.model_from_checkpoint(ckpt, "cpu")
-    assert d.prediction == "v"
+    assert d.prediction == "v" and d.self_cond
     x0 = torch.rand(6, 1, 28, 28) * 2 - 1
     ts, losses = timestep_analysis.loss_per_timestep(d, x0, 3, seed=4)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
     for t, value in zip(ts, losses):
         with torch.no_grad():
-            expected = d.loss(x0, t=torch.full((6,), t), noise=noise, p_uncond=0.0).item()
+            expected = d.loss(x0, t=torch.full((6,), t), noise=noise, p_uncond=0.0, p_self_cond=1.0).item()
         assert value == pytest.approx(expected, rel=1e-5)

@@ -64,6 +64,7 @@ def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir
     last = mnist_dir / "out" / "last.pt"
     ckpt = torch.load(last, weights_only=True)
     del ckpt["args"]["prediction"], ckpt["diffusion"]["prediction"], ckpt["model_config"]["adaptive_norm"]
+    del ckpt["args"]["self_cond"], ckpt["model_config"]["self_cond"]  # nor self-conditioning
     old = diffusion.DiffusionModel(**ckpt["model_config"], adaptive_norm=False)  # the old network
     opt = torch.optim.AdamW(old.parameters())
     old(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)).sum().backward()
@@ -74,6 +75,7 @@ def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir
 
     model, diff, _ = common.model_from_checkpoint(common.load_checkpoint(last, "mnist"), "cpu")
     assert diff.prediction == "eps" and not model.config["adaptive_norm"]
+    assert not model.self_cond and not diff.self_cond and model.init_conv.in_channels == 1
     args = train_diffusion.parse_args(["--resume", str(last), "--max-steps", "3", "--device", "cpu",
                                        "--out-dir", str(mnist_dir / "out"),
                                        "--data-dir", str(mnist_dir / "data")])
@@ -81,6 +83,7 @@ def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["state"]["step"] == 3 and ckpt["diffusion"]["prediction"] == "eps"
     assert ckpt["model_config"]["adaptive_norm"] is False
+    assert ckpt["model_config"]["self_cond"] is False
 
 def test_resume_continues_exactly(mnist_dir):
     run(mnist_dir, "--epochs", "2", out="straight")
