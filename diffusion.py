@@ -4,7 +4,8 @@ Read it next to two papers:
   DDPM: Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239
   DDIM: Song, Meng, Ermon 2020, "Denoising Diffusion Implicit Models", arXiv:2010.02502
 and, for the cosine schedule, Nichol & Dhariwal 2021, arXiv:2102.09672; for the
-second-order sampler, Lu et al. 2022, "DPM-Solver++", arXiv:2211.01095.
+second-order sampler, Lu et al. 2022, "DPM-Solver++", arXiv:2211.01095; for
+self-conditioning, Chen, Zhang & Hinton 2022, "Analog Bits", arXiv:2208.04202.
 
 Conventions
 - Images live in [-1, 1], shaped (B, C, H, W).
@@ -247,7 +248,7 @@ class DiffusionModel(nn.Module):
 
 def describe(model):
     """Print the U-Net level by level: what each block outputs for one image, and its size.
-    `python diffusion.py` prints the default network this way."""
+    `python diffusion.py` prints the network train_diffusion.py trains by default this way."""
     rows, handles = [], []
 
     def record(name, module):
@@ -799,4 +800,4 @@ class GaussianDiffusion(nn.Module):
 
 
 if __name__ == "__main__":
-    describe(DiffusionModel())  # the default MNIST network
+    describe(DiffusionModel(self_cond=True))  # the network train_diffusion.py trains by default

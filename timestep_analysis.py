@@ -9,6 +9,9 @@ With --checkpoint (about a minute on 2 CPU cores for the MNIST model with the de
                          in bits/dim (DDPM Table 2 reports 3.70-3.75 on CIFAR-10)
   trajectory.png/.gif    the reverse process: x_t and the predicted x0 every few steps
   ddim_eta.png           DDIM-50 from the same noise with eta = 0, 0.5 and 1
+  self_conditioning.png  for a self-conditioned model (the MNIST default): DDIM-50 from the
+                         same noise with its own x0 estimate fed back, and with zeros instead;
+                         loss_per_timestep.png then also shows the loss without the estimate
 and analysis.json with the numbers. The bound defaults to an estimate from every 10th term
 on 32 images; the exact sum is --vlb-stride 1 (T network calls per batch; --vlb-images 256
 for a tight error bar).
@@ -173,16 +176,18 @@ def schedules_figure(T, path):
 
 
 @torch.no_grad()
-def loss_per_timestep(diffusion, x0, points, seed):
+def loss_per_timestep(diffusion, x0, points, seed, p_self_cond=1.0):
     """The training loss at `points` evenly spaced t, with fixed noise per image: the MSE of
-    the quantity the network was trained to predict (eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0)."""
+    the quantity the network was trained to predict (eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0).
+    A self-conditioned network gets its first guess of x0 (p_self_cond=1, as it samples) or
+    zeros (0)."""
     T = diffusion.num_timesteps
     ts = sorted({round(v) for v in np.linspace(0, T - 1, points)})
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
     losses = []
     for t in ts:
         tt = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
-        extra = {"p_self_cond": 1.0} if getattr(diffusion, "self_cond", False) else {}  # not at random
+        extra = {"p_self_cond": p_self_cond} if getattr(diffusion, "self_cond", False) else {}
         losses.append(diffusion.loss(x0, p_uncond=0.0, t=tt, noise=noise, **extra).item())  # L_simple at t
     return ts, losses
 
@@ -250,6 +255,22 @@ def eta_figure(diffusion, cfg, seed, path, n=8):
                              f"DDIM-{steps} from the same x_T: eta sets sigma_t (DDIM Eq. 16)")
 
 
+@torch.no_grad()
+def self_conditioning_figure(module, diffusion, cfg, seed, path, n=8):
+    """DDIM-50 from the same x_T, twice with the same self-conditioned network: fed the x0 it
+    predicted one step earlier (Chen et al. 2022, Alg. 2), and fed zeros at every step, the
+    input it trained on for the other half of its batches. Returns both rows."""
+    shape = (n, cfg["channels"], cfg["image_size"], cfg["image_size"])
+    xT = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(diffusion.betas.device)
+    steps = min(50, diffusion.num_timesteps)
+    blind = module.GaussianDiffusion(diffusion.model, diffusion.num_timesteps, diffusion.schedule,
+                                     diffusion.prediction, self_cond=False).to(diffusion.betas.device)
+    rows = [d.ddim_sample(shape, steps=steps, noise=xT).cpu() for d in (diffusion, blind)]
+    common.image_rows_figure(rows, ["own x0 fed back", "zeros instead"], path,
+                             f"Self-conditioning: DDIM-{steps} from the same x_T, one network")
+    return rows
+
+
 # ----------------------------------------------------------------------------------------
 
 
@@ -275,17 +296,22 @@ def main(args):
     written = ["forward_process.png", "schedules.png"]
 
     if ckpt:
-        model, diffusion, _ = common.model_from_checkpoint(ckpt, device)
+        model, diffusion, module = common.model_from_checkpoint(ckpt, device)
         if cfg.get("num_classes"):
             print("note: a conditional model is analysed unconditionally (null class)")
         # loss per timestep
         x0 = common.to_model_range(data.images[:args.loss_images]).to(device)
         ts, losses = loss_per_timestep(diffusion, x0, args.loss_points, args.seed)
+        curves, labels = [losses], ["loss"]
+        report["loss_per_timestep"] = dict(zip(map(str, ts), losses))
+        if diffusion.self_cond:  # the same loss when the network gets no estimate of x0
+            _, blind = loss_per_timestep(diffusion, x0, args.loss_points, args.seed, p_self_cond=0.0)
+            curves, labels = [losses, blind], ["with its first guess of x0 (as it samples)", "with zeros instead"]
+            report["loss_per_timestep_without_estimate"] = dict(zip(map(str, ts), blind))
         target = "noise eps" if diffusion.prediction == "eps" else "velocity v"
-        line_figure(ts, [losses], ["loss"], out_dir / "loss_per_timestep.png", "t",
+        line_figure(ts, curves, labels, out_dir / "loss_per_timestep.png", "t",
                     f"MSE of the predicted {target}",
                     f"The training loss per timestep ({len(x0)} test images, fixed noise)")
-        report["loss_per_timestep"] = dict(zip(map(str, ts), losses))
 
         # the variational bound
         xv = common.to_model_range(data.images[:args.vlb_images]).to(device)
@@ -317,6 +343,9 @@ def main(args):
         eta_figure(diffusion, cfg, args.seed, out_dir / "ddim_eta.png")
         written += ["loss_per_timestep.png", "vlb_terms.png", "trajectory.png", "trajectory.gif",
                     "ddim_eta.png"]
+        if diffusion.self_cond:
+            self_conditioning_figure(module, diffusion, cfg, args.seed, out_dir / "self_conditioning.png")
+            written.append("self_conditioning.png")
         v = report["vlb"]
         print(f"NLL bound: {v['bits_per_dim']:.3f} +- {v['bits_per_dim_std_err']:.3f} bits/dim "
               f"(prior {v['prior_bpd']:.2e}, KL terms {v['kl_sum_bpd']:.3f}, decoder {v['decoder_bpd']:.3f})")

@@ -2,9 +2,10 @@
 
 Writes last.pt, best.pt, metrics.csv, loss_curve.png, progress.png, samples_epochNNN.png and samples.png
 under --out-dir. The defaults below (shown as this script uses them) give digits after 10
-minutes on a 2-core CPU; they depart from the DDPM paper in four places, each named in the
+minutes on a 2-core CPU; they depart from the DDPM paper in five places, each named in the
 README: the cosine schedule, v-prediction, training timesteps with density ~ t (--t-power 2),
-and a high learning rate with a cosine decay over the budget.
+a high learning rate with a cosine decay over the budget, and self-conditioning (the network
+also sees its own estimate of x0; --no-self-cond turns it off).
 """
 
 import argparse

@@ -138,12 +138,15 @@ def test_timestep_analysis_end_to_end(setup, tmp_path):
          "--vlb-images", "4", "--trajectory-samples", "2", "--snapshots", "4", "--device", "cpu",
          "--out-dir", str(out), "--data-dir", str(root / "data")]))
     for f in ("forward_process.png", "schedules.png", "loss_per_timestep.png", "vlb_terms.png",
-              "trajectory.png", "trajectory.gif", "ddim_eta.png", "analysis.json"):
+              "trajectory.png", "trajectory.gif", "ddim_eta.png", "self_conditioning.png", "analysis.json"):
         assert (out / f).is_file(), f
     v = report["vlb"]
     assert v["bits_per_dim"] > 0 and v["prior_bpd"] >= 0 and v["decoder_bpd"] >= 0
     assert v["bits_per_dim"] == pytest.approx(v["prior_bpd"] + v["kl_sum_bpd"] + v["decoder_bpd"], rel=1e-4)
     assert len(report["loss_per_timestep"]) == 5
+    # the self-conditioned tiny model: its loss without the estimate is drawn beside it
+    assert report["loss_per_timestep_without_estimate"].keys() == report["loss_per_timestep"].keys()
+    assert report["loss_per_timestep_without_estimate"] != report["loss_per_timestep"]
     # without a checkpoint: only the data figures
     r = timestep_analysis.main(timestep_analysis.parse_args(["--out-dir", str(tmp_path / "n"), "--data-dir",
                                                              str(root / "data")]))
@@ -165,3 +168,27 @@ def test_loss_per_timestep_is_the_training_loss(setup):
         with torch.no_grad():
             expected = d.loss(x0, t=torch.full((6,), t), noise=noise, p_uncond=0.0, p_self_cond=1.0).item()
         assert value == pytest.approx(expected, rel=1e-5)
+    _, blind = timestep_analysis.loss_per_timestep(d, x0, 3, seed=4, p_self_cond=0.0)
+    for t, value in zip(ts, blind):
+        with torch.no_grad():
+            expected = d.loss(x0, t=torch.full((6,), t), noise=noise, p_uncond=0.0, p_self_cond=0.0).item()
+        assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_self_conditioning_figure_feeds_the_estimate_or_zeros(setup, tmp_path):
+    """Row 1 is the plain DDIM-50 of the self-conditioned model; row 2 the same network from
+    the same noise given zeros at every step, which is what a sampler unaware of
+    self-conditioning would do."""
+    import common
+    ckpt = common.load_checkpoint(setup / "u" / "last.pt")
+    model, d, module = common.model_from_checkpoint(ckpt, "cpu")
+    cfg = ckpt["model_config"]
+    fed, zeros = timestep_analysis.self_conditioning_figure(module, d, cfg, 3, tmp_path / "sc.png", n=2)
+    xT = torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(fed, d.ddim_sample(xT.shape, steps=min(50, d.num_timesteps), noise=xT))
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("x0_self")), with_kwargs=True)
+    timestep_analysis.self_conditioning_figure(module, d, cfg, 3, tmp_path / "sc.png", n=2)
+    steps = min(50, d.num_timesteps)
+    assert all(e is None for e in seen[steps:]) and all(e is not None for e in seen[1:steps])
+    assert not torch.equal(fed, zeros) and (tmp_path / "sc.png").is_file()

@@ -341,10 +341,12 @@ def test_progress_rows_at_doubling_steps_survive_a_resume(mnist_dir):
 
 
 def test_python_diffusion_prints_the_unet(capsys):
-    diffusion.describe(diffusion.DiffusionModel())
+    diffusion.describe(diffusion.DiffusionModel(self_cond=True))
     out = capsys.readouterr().out
     assert "downs[0]" in out and "(16, 14, 14)" in out and "bottleneck" in out and "(64, 7, 7)" in out
-    assert "557,697" in out  # the total parameter count of the default network
+    # the total parameter count of the default network: 557,697, plus 144 weights in the first
+    # conv for the self-conditioning input channel (16 filters x 3 x 3)
+    assert "557,841" in out
 
 
 def test_training_loss_is_logged_every_25_steps_and_survives_a_resume(mnist_dir):
