@@ -557,7 +557,7 @@ class GaussianDiffusion(nn.Module):
         x0_self = None
         if self.self_cond and torch.rand(()) < p_self_cond:
             with torch.no_grad():
-                x0_self, _ = self.x0_and_eps(xt, t, self.network(xt, t, y))  # the first guess
+                x0_self, _ = self.x0_and_eps(xt, t, self.network(xt, t, y))  # first guess, Alg. 1
         pred = self.network(xt, t, y, x0_self)
         return F.mse_loss(pred, target)
 
@@ -620,9 +620,9 @@ class GaussianDiffusion(nn.Module):
         if progress:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc=desc, leave=False)
-        x0_pred = None
+        x0_pred = None  # self-conditioning: no estimate before the first step (Chen et al. Alg. 2)
         for i in steps:
-            x_next, x0_pred = step(x, i, x0_pred)
+            x_next, x0_pred = step(x, i, x0_pred)  # each step sees the x0 the last one predicted
             if return_trajectory:
                 traj["t"].append(seq[i])
                 traj["xt"].append(x.cpu())

@@ -136,14 +136,17 @@ def classes_mode(args, diffusion, module, ckpt, shape, device, out_dir, guidance
     c_a, c_b = args.classes
     ws = torch.linspace(0, 1, args.frames, device=device)
 
-    def blended(x, t, y):
+    def blended(x, t, y, **x0_self):
         """The label carries the frame index k: eps = (1 - w_k) eps(class a) + w_k eps(class b).
-        The null label (-1, for guidance) passes through unchanged."""
+        The null label (-1, for guidance) passes through unchanged. A self-conditioned
+        network's x0 estimate (the keyword x0_self) goes to both calls."""
         cond = y >= 0
         w = ws[y.clamp(min=0)].view(-1, 1, 1, 1)
-        eps_a = model(x, t, torch.where(cond, c_a, y))
-        eps_b = model(x, t, torch.where(cond, c_b, y))
+        eps_a = model(x, t, torch.where(cond, c_a, y), **x0_self)
+        eps_b = model(x, t, torch.where(cond, c_b, y), **x0_self)
         return torch.where(cond.view(-1, 1, 1, 1), (1 - w) * eps_a + w * eps_b, eps_a)
+
+    blended.self_cond = getattr(diffusion, "self_cond", False)  # GaussianDiffusion reads it here
 
     n = len(ws)
     xT = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device).repeat(n, 1, 1, 1)
