@@ -179,8 +179,8 @@ def schedules_figure(T, path):
 def loss_per_timestep(diffusion, x0, points, seed, p_self_cond=1.0):
     """The training loss at `points` evenly spaced t, with fixed noise per image: the MSE of
     the quantity the network was trained to predict (eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0).
-    A self-conditioned network gets its first guess of x0 (p_self_cond=1, as it samples) or
-    zeros (0)."""
+    A self-conditioned network gets its own first guess of x0 (p_self_cond=1: two calls, as in
+    half of its training batches) or zeros (0)."""
     T = diffusion.num_timesteps
     ts = sorted({round(v) for v in np.linspace(0, T - 1, points)})
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
@@ -306,7 +306,7 @@ def main(args):
         report["loss_per_timestep"] = dict(zip(map(str, ts), losses))
         if diffusion.self_cond:  # the same loss when the network gets no estimate of x0
             _, blind = loss_per_timestep(diffusion, x0, args.loss_points, args.seed, p_self_cond=0.0)
-            curves, labels = [losses, blind], ["with its first guess of x0 (as it samples)", "with zeros instead"]
+            curves, labels = [losses, blind], ["with its own first guess of x0", "with zeros instead"]
             report["loss_per_timestep_without_estimate"] = dict(zip(map(str, ts), blind))
         target = "noise eps" if diffusion.prediction == "eps" else "velocity v"
         line_figure(ts, curves, labels, out_dir / "loss_per_timestep.png", "t",

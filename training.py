@@ -253,7 +253,8 @@ class Trainer:
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.sampler = module.GaussianDiffusion(self.ema_model, args.timesteps, args.schedule,
                                                 args.prediction).to(self.device)
-        # a self-conditioned network is validated as it samples: always with its own first guess
+        # a self-conditioned network is validated the same way every time, not at random: always
+        # with its own first guess of x0 (two calls)
         self.val_extra = {"p_self_cond": 1.0} if getattr(self.sampler, "self_cond", False) else {}
         # the fused (single-kernel) AdamW on CUDA; the foreach one elsewhere
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,

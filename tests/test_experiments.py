@@ -156,7 +156,7 @@ def test_timestep_analysis_end_to_end(setup, tmp_path):
 def test_loss_per_timestep_is_the_training_loss(setup):
     """The curve shows the quantity the model was trained on: at each t it equals the model's
     own loss (v-prediction here) with the same images, timestep and noise; for a
-    self-conditioned model always with its first guess, as it samples."""
+    self-conditioned model always with its own first guess (or, asked, with zeros)."""
     import common
     ckpt = common.load_checkpoint(setup / "u" / "last.pt")
     _, d, _ = common.model_from_checkpoint(ckpt, "cpu")
