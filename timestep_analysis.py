@@ -184,10 +184,10 @@ def loss_per_timestep(diffusion, x0, points, seed, p_self_cond=1.0):
     T = diffusion.num_timesteps
     ts = sorted({round(v) for v in np.linspace(0, T - 1, points)})
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
+    extra = {"p_self_cond": p_self_cond} if getattr(diffusion, "self_cond", False) else {}
     losses = []
     for t in ts:
         tt = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
-        extra = {"p_self_cond": p_self_cond} if getattr(diffusion, "self_cond", False) else {}
         losses.append(diffusion.loss(x0, p_uncond=0.0, t=tt, noise=noise, **extra).item())  # L_simple at t
     return ts, losses
 

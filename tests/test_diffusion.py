@@ -440,7 +440,7 @@ def test_loss_drops_labels_to_null_class(D):
 
 class SelfConditionedGaussian(GaussianDenoiser):
     """The exact Gaussian denoiser, posing as a self-conditioned network: it records the
-    estimate it is given (and whether a gradient is being taken) and ignores it."""
+    estimate it is given and ignores it."""
     self_cond = True
 
     def __init__(self, *a, **kw):
