@@ -184,7 +184,7 @@ def bench_diffusers_baseline(batch, device, args):
         return []
     widths = tuple(diffusion.DiffusionModel().config["hidden_dims"])  # the MNIST default
     net = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=widths,
-                      norm_num_groups=8,  # as group_norm in diffusion.py
+                      norm_num_groups=8,  # one count for all widths; diffusion.py used 8 until groups of 8 channels
                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")).to(device)
     params = round(sum(p.numel() for p in net.parameters()) / 1e6, 2)

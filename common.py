@@ -380,7 +380,8 @@ def load_checkpoint(path, kind=None):
              f"({MODEL_MODULES[ckpt['kind']]}.py); use {TRAIN_SCRIPTS[ckpt['kind']]} with it, "
              f"not this script, which trains the {kind} model")
     # checkpoints saved before these options existed hold an eps model, and for MNIST a
-    # network whose time embedding is added rather than scaling the norm, without self-conditioning
+    # network whose time embedding is added rather than scaling the norm, without
+    # self-conditioning, with 8 groups in every GroupNorm
     ckpt["diffusion"].setdefault("prediction", "eps")
     if isinstance(ckpt.get("args"), dict):
         ckpt["args"].setdefault("t_power", 1.0)  # uniform training timesteps
@@ -390,6 +391,7 @@ def load_checkpoint(path, kind=None):
     if ckpt["kind"] == "mnist":
         ckpt["model_config"].setdefault("adaptive_norm", False)
         ckpt["model_config"].setdefault("self_cond", False)
+        ckpt["model_config"].setdefault("norm_group_size", None)  # 8 groups per norm
     check_weights_finite(ckpt, path)
     return ckpt
 

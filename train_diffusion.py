@@ -5,7 +5,8 @@ under --out-dir. The defaults below (shown as this script uses them) give digits
 minutes on a 2-core CPU; they depart from the DDPM paper in five places, each named in the
 README: the cosine schedule, v-prediction, training timesteps with density ~ t (--t-power 2),
 a high learning rate with a cosine decay over the budget, and self-conditioning (the network
-also sees its own estimate of x0; --no-self-cond turns it off).
+also sees its own estimate of x0; --no-self-cond turns it off). The network itself is smaller
+than DDPM's and normalizes groups of 8 channels (diffusion.py, group_norm).
 """
 
 import argparse
@@ -49,7 +50,7 @@ def check_network(args):
         common.fail(f"--time-dim must be even (sines and cosines in pairs), got {args.time_dim}")
     if any(h > 8 and h % 8 for h in dims):
         common.fail(f"--hidden-dims {' '.join(map(str, dims))}: each width must be a multiple of 8, "
-                    f"or at most 8 (GroupNorm uses min(8, width) groups)")
+                    f"or at most 8 (GroupNorm normalizes groups of 8 channels)")
     if dims[-1] % 4:
         common.fail(f"--hidden-dims: the last width ({dims[-1]}) must be a multiple of 4, the "
                     f"number of attention heads in the bottleneck")
@@ -73,7 +74,7 @@ def main(args):
         check_network(args)
         model_config = dict(image_size=args.image_size, channels=1, hidden_dims=list(args.hidden_dims),
                             time_dim=args.time_dim, num_classes=None, adaptive_norm=True,
-                            patch_size=args.patch_size, self_cond=args.self_cond)
+                            patch_size=args.patch_size, self_cond=args.self_cond, norm_group_size=8)
     data = common.load_dataset(args.dataset, args.data_dir, model_config["image_size"], channels=1)
     if args.class_cond and model_config["num_classes"] is None and ckpt is None:
         model_config["num_classes"] = data.num_classes

@@ -596,7 +596,13 @@ def test_default_model_has_expected_layout():
     D = diffusion  # the MNIST U-Net; tests/test_cifar.py covers the CIFAR one
     m = D.DiffusionModel()
     assert m.config == dict(image_size=28, channels=1, hidden_dims=[16, 32, 64], time_dim=128,
-                            num_classes=None, adaptive_norm=True, patch_size=1, self_cond=False)
+                            num_classes=None, adaptive_norm=True, patch_size=1, self_cond=False,
+                            norm_group_size=8)
+    # every GroupNorm normalizes groups of 8 channels: 2 groups at 16 channels, 8 at 64
+    assert [m.downs[k].res.norm2.num_groups for k in range(3)] == [2, 4, 8]
+    assert m.out[0].num_groups == 2 and m.bottleneck.attn.norm.num_groups == 8
+    assert D.DiffusionModel(hidden_dims=(4, 8)).downs[0].res.norm1.num_groups == 1
+    assert D.DiffusionModel(norm_group_size=None).downs[0].res.norm1.num_groups == 8  # before
     # adaptive norm: the time embedding gives a scale and a shift per channel; without it
     # (checkpoints of the first version) only a shift, added before the norm
     assert m.downs[0].res.time_proj[1].out_features == 2 * 16

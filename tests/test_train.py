@@ -59,13 +59,16 @@ def test_end_to_end_writes_every_output(mnist_dir):
 
 def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir):
     """A checkpoint of the first version (no --prediction, no adaptive_norm) holds an eps model
-    whose time embedding is added: it still samples and resumes as one."""
+    whose time embedding is added and 8 groups in every norm: it still samples and resumes as
+    one, and computes what it computed."""
     run(mnist_dir, "--max-steps", "2", "--prediction", "eps")
     last = mnist_dir / "out" / "last.pt"
     ckpt = torch.load(last, weights_only=True)
     del ckpt["args"]["prediction"], ckpt["diffusion"]["prediction"], ckpt["model_config"]["adaptive_norm"]
     del ckpt["args"]["self_cond"], ckpt["model_config"]["self_cond"]  # nor self-conditioning
-    old = diffusion.DiffusionModel(**ckpt["model_config"], adaptive_norm=False)  # the old network
+    del ckpt["model_config"]["norm_group_size"]  # nor groups of 8 channels
+    old = diffusion.DiffusionModel(**ckpt["model_config"], adaptive_norm=False, norm_group_size=None)
+    assert old.downs[0].res.norm1.num_groups == 8  # 16 channels: 8 groups of 2
     opt = torch.optim.AdamW(old.parameters())
     old(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)).sum().backward()
     opt.step()
@@ -76,6 +79,9 @@ def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir
     model, diff, _ = common.model_from_checkpoint(common.load_checkpoint(last, "mnist"), "cpu")
     assert diff.prediction == "eps" and not model.config["adaptive_norm"]
     assert not model.self_cond and not diff.self_cond and model.init_conv.in_channels == 1
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 40])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), old.eval()(x, t))  # with 2 groups it would differ
     args = train_diffusion.parse_args(["--resume", str(last), "--max-steps", "3", "--device", "cpu",
                                        "--out-dir", str(mnist_dir / "out"),
                                        "--data-dir", str(mnist_dir / "data")])
@@ -84,6 +90,7 @@ def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir
     assert ckpt["state"]["step"] == 3 and ckpt["diffusion"]["prediction"] == "eps"
     assert ckpt["model_config"]["adaptive_norm"] is False
     assert ckpt["model_config"]["self_cond"] is False
+    assert ckpt["model_config"]["norm_group_size"] is None
 
 def test_resume_continues_exactly(mnist_dir):
     run(mnist_dir, "--epochs", "2", out="straight")
