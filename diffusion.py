@@ -203,6 +203,8 @@ class DiffusionModel(nn.Module):
         levels = len(hidden_dims)
         if patch_size < 1:
             raise ValueError(f"patch_size must be at least 1, got {patch_size}")
+        if norm_group_size is not None and norm_group_size < 1:
+            raise ValueError(f"norm_group_size must be at least 1 (or None), got {norm_group_size}")
         if image_size % (patch_size * 2 ** (levels - 1)):
             raise ValueError(f"image_size {image_size} must be divisible by "
                              f"{patch_size * 2 ** (levels - 1)} for patch size {patch_size} "

@@ -590,6 +590,8 @@ def test_patch_stem_is_an_exact_rearrangement_of_pixels():
         diffusion.DiffusionModel(hidden_dims=(16, 32, 64), patch_size=2)  # 28 / 2 / 4 is not whole
     with pytest.raises(ValueError, match="patch_size must be at least 1"):
         diffusion.DiffusionModel(patch_size=0)  # e.g. a damaged checkpoint config
+    with pytest.raises(ValueError, match="norm_group_size must be at least 1"):
+        diffusion.DiffusionModel(norm_group_size=0)  # the same
 
 
 def test_default_model_has_expected_layout():

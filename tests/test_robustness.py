@@ -274,6 +274,7 @@ def test_interpolate_classes_out_of_range(trained, tmp_path):
     (lambda c: c["model"].pop(next(iter(c["model"]))), "does not fit its own model config"),
     (lambda c: c["ema"]["shadow"].pop(next(iter(c["ema"]["shadow"]))), "EMA weights do not match"),
     (lambda c: c["diffusion"].update(schedule="quadratic"), "unknown schedule 'quadratic'"),
+    (lambda c: c["model_config"].update(norm_group_size=0), "norm_group_size must be at least 1"),
 ])
 def test_damaged_checkpoints_cannot_be_resumed(trained, tmp_path, damage, message):
     ckpt = torch.load(trained / "u" / "last.pt", weights_only=True)
