@@ -74,7 +74,7 @@ def main(args):
         check_network(args)
         model_config = dict(image_size=args.image_size, channels=1, hidden_dims=list(args.hidden_dims),
                             time_dim=args.time_dim, num_classes=None, adaptive_norm=True,
-                            patch_size=args.patch_size, self_cond=args.self_cond, norm_group_size=8)
+                            patch_size=args.patch_size, self_cond=args.self_cond)
     data = common.load_dataset(args.dataset, args.data_dir, model_config["image_size"], channels=1)
     if args.class_cond and model_config["num_classes"] is None and ckpt is None:
         model_config["num_classes"] = data.num_classes

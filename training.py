@@ -249,6 +249,9 @@ class Trainer:
             self.model = module.DiffusionModel(**model_config).to(self.device, memory_format=self.layout)
         except (TypeError, ValueError) as e:
             fail(f"cannot build the network from model config {model_config}: {e}")
+        # checkpoints store the network's own config, defaults included, so that a setting the
+        # caller left to its default is not later read as a checkpoint from before it existed
+        self.model_config = self.model.config
         self.ema = module.EMA(self.model, args.ema_decay)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.sampler = module.GaussianDiffusion(self.ema_model, args.timesteps, args.schedule,
