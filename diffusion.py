@@ -440,8 +440,8 @@ class GaussianDiffusion(nn.Module):
     _sample_loop, runs from pure noise down to the image.
 
     A self-conditioned network (DiffusionModel(self_cond=True); self_cond=None reads the flag
-    off the network) is also given an estimate of x0: during training its own first guess for
-    half of each batch (loss), during sampling the x0 that the step before predicted. The
+    off the network) is also given an estimate of x0: during training its own first guess on
+    half the batches (loss), during sampling the x0 that the step before predicted. The
     sampler updates themselves, DDPM's, DDIM's and DPM-Solver++'s, do not change.
     """
 
@@ -555,13 +555,11 @@ class GaussianDiffusion(nn.Module):
         it with another density; a validation loss fixes t and noise). For a conditional model,
         labels are replaced by the null class with probability p_uncond (classifier-free guidance).
 
-        Self-conditioning (Chen et al. 2022, Alg. 1): a random share p_self_cond of the batch's
-        examples go through the network twice. The first call gets no estimate (zeros) and its x0
+        Self-conditioning (Chen et al. 2022, Alg. 1): with probability p_self_cond the whole
+        batch goes through the network twice. The first call gets no estimate (zeros) and its x0
         prediction, with no gradient through it, is the second call's x0_self; only the second
-        call is trained. The other examples see zeros, so the network also learns to start a
+        call is trained. Otherwise one call with zeros, so the network also learns to start a
         sampling chain, where no estimate exists yet. A validation loss passes p_self_cond=1.
-        Alg. 1 flips one coin for the whole batch; a fixed share of every batch has the same
-        expectation, and each step then trains both cases (a steadier gradient) at the same cost.
         """
         B = x0.shape[0]
         if t is None:
@@ -574,14 +572,9 @@ class GaussianDiffusion(nn.Module):
             y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
         target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
         x0_self = None
-        k = round(B * p_self_cond) if self.self_cond else 0  # examples that get a first guess
-        if k > 0:
-            pick = torch.randperm(B, device=x0.device)[:k]
+        if self.self_cond and torch.rand(()) < p_self_cond:
             with torch.no_grad():
-                guess, _ = self.x0_and_eps(xt[pick], t[pick], self.network(
-                    xt[pick], t[pick], None if y is None else y[pick]))  # first guess, Alg. 1
-            x0_self = torch.zeros_like(xt)  # zeros: "no estimate", as for the other examples
-            x0_self[pick] = guess.to(x0_self.dtype)
+                x0_self, _ = self.x0_and_eps(xt, t, self.network(xt, t, y))  # first guess, Alg. 1
         pred = self.network(xt, t, y, x0_self)
         return F.mse_loss(pred, target)
 

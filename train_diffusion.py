@@ -31,7 +31,7 @@ def parse_args(argv=None):
                         "stacked as channels (2: 28x28x1 -> 14x14x4)")
     p.add_argument("--self-cond", action=argparse.BooleanOptionalAction, default=True,
                    help="self-conditioning: the network also sees its own x0 estimate, from a "
-                        "first call on half of each batch in training and from the previous step "
+                        "first call on half the batches in training and from the previous step "
                         "in sampling (Chen et al. 2022)")
     training.add_training_args(p, "mnist")
     # defaults chosen for "digits in 10 minutes on 2 CPU cores" (README, Results): 83 to 86%

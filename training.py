@@ -182,26 +182,14 @@ def note_ignored_architecture(ckpt, given):
               f"command line")
 
 
-def stratified_uniform(n, device):
-    """n draws from U[0, 1), one in each of the n intervals [k/n, (k+1)/n), in random order.
-
-    Each draw alone is uniform, so a batch's loss is an unbiased estimate as before, but a batch
-    can no longer bunch up its timesteps by chance: it covers the whole range evenly, and the
-    gradient varies less from step to step (the low-discrepancy sampler of Kingma et al. 2021,
-    "Variational Diffusion Models", arXiv:2107.00630, serves the same end).
-    """
-    return (torch.randperm(n, device=device) + torch.rand(n, device=device)) / n
-
-
 def training_timesteps(n, num_timesteps, power, device):
     """n training timesteps drawn with density p(t) about proportional to t^(power - 1).
 
     power = 1 is DDPM's uniform t. power = 2 samples t in proportion to t: three quarters of
     the batch falls in the noisier half of the process. In expectation this is the uniform-t
-    loss weighted by T p(t); the best prediction at each t is unchanged. The n are stratified
-    (stratified_uniform): one in each 1/n of the probability.
+    loss weighted by T p(t); the best prediction at each t is unchanged.
     """
-    u = stratified_uniform(n, device)
+    u = torch.rand(n, device=device)
     return (num_timesteps * u ** (1.0 / power)).long().clamp_(max=num_timesteps - 1)
 
 

@@ -522,21 +522,12 @@ def test_self_conditioning_loss_trains_only_the_second_call():
     calls.clear()
     d.loss(x0, t=t, noise=noise, p_self_cond=0.0)
     assert len(calls) == 1 and calls[0][0] is None
-    # by default half of every batch takes the two calls: the first call sees only those
-    # examples, the second sees their clipped guesses and zeros for the rest
-    picked = torch.zeros(4)
+    # by default half the batches take the two calls
+    calls.clear()
     torch.manual_seed(0)
-    for _ in range(200):
-        calls.clear()
+    for _ in range(400):
         d.loss(x0, t=t, noise=noise)
-        assert len(calls) == 2 and calls[0][0] is None and len(calls[1][0]) == 4
-        first, seen = calls[0], calls[1][0]
-        has_guess = seen.flatten(1).abs().sum(1) > 0
-        assert has_guess.sum() == 2 and not first[1]
-        assert torch.allclose(seen[has_guess], guess[has_guess], atol=1e-6)
-        assert torch.equal(seen[~has_guess], torch.zeros_like(seen[~has_guess]))
-        picked += has_guess
-    assert torch.allclose(picked / 200, torch.full((4,), 0.5), atol=0.1)  # every example alike
+    assert (len(calls) - 400) / 400 == pytest.approx(0.5, abs=0.08)
 
 
 # -- the MNIST U-Net -------------------------------------------------------------------------------

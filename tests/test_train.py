@@ -285,22 +285,6 @@ def test_cosine_and_linear_learning_rate_schedules(mnist_dir):
         assert float(list(csv.DictReader(f))[-1]["lr"]) == pytest.approx(2e-3)
 
 
-@pytest.mark.parametrize("power", [1.0, 2.0])
-def test_a_batch_of_timesteps_has_one_draw_in_each_stratum(power):
-    """stratified_uniform: the k-th smallest of n draws lies in [k/n, (k+1)/n), so t does too,
-    mapped through t = T u^(1/power); the draws come in random order."""
-    torch.manual_seed(0)
-    T, n = 1000, 64
-    for _ in range(20):
-        u = training.stratified_uniform(n, torch.device("cpu"))
-        k = torch.arange(n)
-        assert torch.all((u.sort().values >= k / n) & (u.sort().values < (k + 1) / n))
-        t = training.training_timesteps(n, T, power, torch.device("cpu")).sort().values
-        assert torch.all(t >= torch.floor(T * (k / n) ** (1 / power)))
-        assert torch.all(t <= torch.floor(T * ((k + 1) / n) ** (1 / power)))
-    assert not torch.equal(u, u.sort().values)  # shuffled: not in the order of the strata
-
-
 @pytest.mark.parametrize("power", [1.0, 2.0, 3.0])
 def test_training_timesteps_have_density_proportional_to_t_to_the_power_minus_one(power):
     torch.manual_seed(0)
