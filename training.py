@@ -235,7 +235,7 @@ class Trainer:
 
     def __init__(self, args, kind, module, model_config, data, augment=None, ckpt=None):
         self.args, self.kind, self.augment = args, kind, augment
-        self.model_config, self.num_classes = model_config, data.num_classes
+        self.num_classes = data.num_classes
         self.rank, self.world, self.device = setup_distributed(args.device)
         common.configure_backends(self.device)
         self.main_proc = self.rank == 0
