@@ -24,6 +24,7 @@ import torch
 
 import common
 import diffusion
+import train_diffusion
 
 
 def cpu_name():
@@ -131,6 +132,16 @@ def bench_training(name, module, config, schedule, batch, device, args):
     x0 = torch.randn(shape, device=device).contiguous(memory_format=layout)
     if args.compile:
         diff.model = torch.compile(model)
+    # the MNIST default trains on stable targets: --reference-size random training images per
+    # step, gathered and converted as Trainer.reference_set does (here from random uint8 images)
+    n_reference = train_diffusion.parse_args([]).reference_size if module is diffusion else 0
+    pool = torch.randint(0, 256, (60000, *shape[1:]), dtype=torch.uint8) if n_reference else None
+
+    def reference():
+        if not n_reference:
+            return {}
+        images = common.to_model_range(pool[torch.randint(len(pool), (n_reference,))])
+        return {"reference": images.to(device).contiguous(memory_format=layout)}
 
     def steps():
         # the same coin flips (a self-conditioned network's second call) in every repeat and
@@ -138,7 +149,7 @@ def bench_training(name, module, config, schedule, batch, device, args):
         torch.manual_seed(0)
         for _ in range(args.train_steps):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = diff.loss(x0)
+                loss = diff.loss(x0, **reference())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -519,16 +519,18 @@ def image_rows_figure(rows, labels, path, title=None, extra=None):
     plt.close(fig)
 
 
-def plot_loss_curve(rows, path, prediction="eps", train_log=None):
+def plot_loss_curve(rows, path, prediction="eps", train_log=None, stable_targets=False):
     """Validation loss per epoch (metrics.csv rows) and the training loss, either per epoch or,
-    from train_log = {step: smoothed loss}, every few dozen steps."""
+    from train_log = {step: smoothed loss}, every few dozen steps. stable_targets: the training
+    loss was measured against them (the validation loss never is), which the legend says."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    note = ", against stable targets" if stable_targets else ""
     if train_log:
         steps = sorted(train_log)
-        ax.plot(steps, [train_log[k] for k in steps], "-", label="train (smoothed)")
+        ax.plot(steps, [train_log[k] for k in steps], "-", label=f"train (smoothed{note})")
     else:
-        ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], "o-", label="train")
+        ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], "o-", label=f"train{note}")
     ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], "s-",
             label="validation (EMA weights, fixed t and noise)")
     ax.set_xlabel("step")

@@ -542,7 +542,33 @@ class GaussianDiffusion(nn.Module):
 
     # -- training ------------------------------------------------------------------------
 
-    def loss(self, x0, y=None, p_uncond=0.1, t=None, noise=None, p_self_cond=0.5):
+    def posterior_weights(self, xt, t, pool, allowed=None):
+        """w_i = q(x0_i | x_t): how likely each pool image is the source of x_t, (B, R).
+
+        pool (R, C, H, W) holds clean images; Bayes' rule with a uniform prior over them and
+        q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I) (Eq. 4) gives
+            log w_i = -||x_t - sqrt(abar_t) x0_i||^2 / (2 (1 - abar_t)) + c
+                    = (sqrt(abar_t) <x_t, x0_i> - abar_t ||x0_i||^2 / 2) / (1 - abar_t) + c',
+        a softmax over i of one matrix product (c' holds ||x_t||^2, the same for every i). allowed
+        (B, R), optional: False where pool image i cannot be the source of x_t (another class).
+        """
+        a = _extract(self.sqrt_alphas_cumprod, t, xt).flatten(1)  # (B, 1)
+        s = _extract(self.sqrt_one_minus_alphas_cumprod, t, xt).flatten(1)
+        with torch.autocast(xt.device.type, enabled=False):  # logits up to ~1e5: float32
+            x, r = xt.flatten(1).float(), pool.flatten(1).float()
+            logits = (a * (x @ r.T) - 0.5 * a ** 2 * (r * r).sum(1)) / s ** 2
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, -math.inf)
+            return logits.softmax(1)
+
+    def posterior_mean_x0(self, xt, t, pool, allowed=None):
+        """E[x0 | x_t] over the pool images: sum_i w_i x0_i (posterior_weights)."""
+        with torch.autocast(xt.device.type, enabled=False):
+            w = self.posterior_weights(xt, t, pool, allowed)
+            return (w @ pool.flatten(1).float()).view(xt.shape)
+
+    def loss(self, x0, y=None, p_uncond=0.1, t=None, noise=None, p_self_cond=0.5,
+             reference=None, reference_y=None):
         """L_simple = E_{t, x0, eps} ||eps - eps_theta(x_t, t)||^2.  DDPM Alg. 1, Eq. 14.
 
         With prediction="v" the target is v instead of eps: in terms of x0 the loss weight is
@@ -560,6 +586,15 @@ class GaussianDiffusion(nn.Module):
         prediction, with no gradient through it, is the second call's x0_self; only the second
         call is trained. Otherwise one call with zeros, so the network also learns to start a
         sampling chain, where no estimate exists yet. A validation loss passes p_self_cond=1.
+
+        Stable targets (Xu, Tong & Jaakkola 2023, "Stable Target Field", arXiv:2302.00670): given
+        reference, other clean images of the data set (and reference_y, their labels, for a
+        conditional model), the target is built from E[x0 | x_t] over x0 and the references
+        (posterior_mean_x0) instead of from x0 alone. The network learns E[target | x_t] either
+        way, the same function up to a bias that shrinks as the reference set grows; but the
+        target is far less noisy where x_t could have come from many images, near pure noise.
+        Where x_t fits one image far better than the rest, the weights are (0, ..., 1, ..., 0)
+        and the target is the usual one.
         """
         B = x0.shape[0]
         if t is None:
@@ -567,9 +602,22 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)
+        labels = y  # before any are dropped: the classes of the images themselves
         if y is not None and p_uncond > 0:
             drop = torch.rand(B, device=x0.device) < p_uncond
             y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
+        if reference is not None:
+            pool = torch.cat([x0, reference.to(x0.dtype)])
+            allowed = None
+            if y is not None:  # a conditional x_t can only come from an image of its own class
+                pool_y = torch.cat([labels, reference_y])  # (the null class: from any image)
+                allowed = (pool_y[None] == y[:, None]) | (y[:, None] == NULL_CLASS)
+            x0_hat = self.posterior_mean_x0(xt, t, pool, allowed)  # E[x0 | x_t] over the pool
+            # the noise that makes the same x_t from x0_hat (Eq. 4 solved for eps):
+            # (x_t - a x0_hat) / s = (a x0 + s eps - a x0_hat) / s = eps + a / s (x0 - x0_hat)
+            a = _extract(self.sqrt_alphas_cumprod, t, x0)
+            s = _extract(self.sqrt_one_minus_alphas_cumprod, t, x0)
+            x0, noise = x0_hat, noise + a / s * (x0 - x0_hat)
         target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
         x0_self = None
         if self.self_cond and torch.rand(()) < p_self_cond:

@@ -3,6 +3,8 @@
 Always (only data needed; seconds):
   forward_process.png  one image at t = 0, 50, 100, 250, 500, 750, 999, linear vs cosine schedule
   schedules.png        beta_t, alpha-bar_t and log SNR, linear vs cosine
+  stable_targets.png   how far stable targets (train_diffusion.py --reference-size) move the
+                       v target at each t, and over how many images the weight spreads
 With --checkpoint (about a minute on 2 CPU cores for the MNIST model with the defaults):
   loss_per_timestep.png  the loss the model was trained on (v or eps MSE) at each t
   vlb_terms.png          the variational bound (DDPM Eq. 5) term by term, and its sum as NLL
@@ -176,6 +178,48 @@ def schedules_figure(T, path):
 
 
 @torch.no_grad()
+def stable_targets(x0, pool, T, points, seed):
+    """What stable targets change, at `points` timesteps of the cosine schedule (MNIST's).
+
+    Each x_t is made from an image of x0; the reference set is x0 and pool, as in training
+    (the batch and --reference-size other images). Returns the timesteps, the mean square per
+    pixel of v_stable - v = (x0 - x0_hat) / sqrt(1 - abar_t) (Eq. 4 and the definition of v),
+    and the effective number of images sharing the weight, 1 / sum_i w_i^2 (1: one image).
+    """
+    d = mnist_module.GaussianDiffusion(None, T, "cosine", "v")
+    g = torch.Generator().manual_seed(seed)
+    ts = np.linspace(0, T - 1, points).round().astype(int)
+    shifts, spread = [], []
+    for t in ts:
+        tt = torch.full((len(x0),), int(t))
+        xt = d.q_sample(x0, tt, torch.randn(x0.shape, generator=g))
+        references = torch.cat([x0, pool])
+        w = d.posterior_weights(xt, tt, references)  # (images, references)
+        x0_hat = (w @ references.flatten(1)).view(x0.shape)  # d.posterior_mean_x0
+        shifts.append((((x0 - x0_hat) / d.sqrt_one_minus_alphas_cumprod[t]) ** 2).mean().item())
+        spread.append((1 / (w ** 2).sum(1)).mean().item())
+    return ts, shifts, spread
+
+
+def stable_targets_figure(ts, shifts, spread, n_references, path):
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(ts, shifts, color="C0")
+    ax.set_xlabel("t")
+    ax.set_ylabel("mean square of v_stable - v, per pixel", color="C0")
+    right = ax.twinx()
+    right.plot(ts, spread, color="C1")
+    right.set_yscale("log")
+    right.set_ylabel("images sharing the weight, 1 / sum w_i^2", color="C1")
+    ax.set_title(f"Stable targets over {n_references} reference images (cosine schedule): where x_t\n"
+                 f"still shows its own image the target is the usual one", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
 def loss_per_timestep(diffusion, x0, points, seed, p_self_cond=1.0):
     """The training loss at `points` evenly spaced t, with fixed noise per image: the MSE of
     the quantity the network was trained to predict (eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0).
@@ -293,7 +337,12 @@ def main(args):
     forward_process_figure(common.to_model_range(data.images[args.index:args.index + 1]), T,
                            out_dir / "forward_process.png", args.seed)
     schedules_figure(T, out_dir / "schedules.png")
-    written = ["forward_process.png", "schedules.png"]
+    # stable targets: 256 images' x_t, weighed against themselves and up to 2,048 others
+    images = common.to_model_range(data.images[:256 + 2048]).float()
+    ts, shifts, spread = stable_targets(images[:256], images[256:], T, 50, args.seed)
+    stable_targets_figure(ts, shifts, spread, len(images), out_dir / "stable_targets.png")
+    report["stable_targets"] = {"t": ts.tolist(), "v_shift_mse": shifts, "images_sharing_weight": spread}
+    written = ["forward_process.png", "schedules.png", "stable_targets.png"]
 
     if ckpt:
         model, diffusion, module = common.model_from_checkpoint(ckpt, device)

@@ -235,6 +235,8 @@ class Trainer:
 
     def __init__(self, args, kind, module, model_config, data, augment=None, ckpt=None):
         self.args, self.kind, self.augment = args, kind, augment
+        # stable targets (GaussianDiffusion.loss): an option of train_diffusion.py only
+        self.reference_size = getattr(args, "reference_size", 0)
         self.num_classes = data.num_classes
         self.rank, self.world, self.device = setup_distributed(args.device)
         common.configure_backends(self.device)
@@ -384,14 +386,26 @@ class Trainer:
         return training_timesteps(n, self.args.timesteps, self.args.t_power, self.device)
 
     def batch(self, order, b):
-        """The b-th batch of this epoch: uint8 images -> [-1, 1], in the model's layout, augmented."""
-        idx = order[b * self.args.batch_size:(b + 1) * self.args.batch_size]
+        """The b-th batch of this epoch."""
+        return self.images_at(order[b * self.args.batch_size:(b + 1) * self.args.batch_size])
+
+    def images_at(self, idx):
+        """Training images idx: uint8 -> [-1, 1], in the model's layout, augmented; and labels."""
         x0 = common.to_model_range(self.images[idx.to(self.images.device)]).to(self.device)
         x0 = x0.contiguous(memory_format=self.layout)
         if self.augment is not None:
             x0 = self.augment(x0)
         y = self.labels[idx].to(self.device) if self.labels is not None else None
         return x0, y
+
+    def reference_set(self):
+        """--reference-size random training images and their labels, the stable target's
+        reference set (GaussianDiffusion.loss), as keyword arguments for the loss."""
+        if not self.reference_size:
+            return {}
+        pick = torch.randint(len(self.train_idx), (self.reference_size,))
+        reference, reference_y = self.images_at(self.train_idx[pick])
+        return {"reference": reference, "reference_y": reference_y}
 
     @torch.no_grad()
     def validation_loss(self):
@@ -482,7 +496,7 @@ class Trainer:
         if self.main_proc:
             common.write_metrics(self.rows, out_dir / "metrics.csv")
             common.plot_loss_curve(self.rows, out_dir / "loss_curve.png", self.args.prediction,
-                                   self.train_log)
+                                   self.train_log, stable_targets=self.reference_size > 0)
             self.sample_grid(out_dir / f"samples_epoch{math.ceil(epoch):03d}.png")
             print(f"epoch {epoch:g} step {state['step']}: train {train_loss:.4f} "
                   f"val {val:.4f}{' (best)' if improved else ''} {images_per_s:.0f} img/s")
@@ -515,7 +529,9 @@ class Trainer:
         args, state = self.args, self.state
         if self.main_proc:
             n_params = sum(p.numel() for p in self.model.parameters())
-            print(f"{self.kind} model: {n_params / 1e6:.2f}M parameters, predicts {args.prediction}, "
+            targets = f" on stable targets ({self.reference_size} references)" if self.reference_size else ""
+            print(f"{self.kind} model: {n_params / 1e6:.2f}M parameters, predicts {args.prediction}"
+                  f"{targets}, "
                   f"{len(self.train_idx)} training images, {self.batches_per_epoch} steps per epoch, "
                   f"device {self.device}, {self.world} process(es), "
                   f"{'bf16 autocast' if self.bf16 else 'float32'}")
@@ -535,8 +551,9 @@ class Trainer:
 
                 # forward / backward: DDPM Alg. 1 on this batch, t drawn by draw_timesteps
                 t = self.draw_timesteps(len(x0))
+                reference = self.reference_set()  # {} unless --reference-size
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss = self.diffusion.loss(x0, y, p_uncond=args.p_uncond, t=t)
+                    loss = self.diffusion.loss(x0, y, p_uncond=args.p_uncond, t=t, **reference)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)

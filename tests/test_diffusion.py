@@ -530,6 +530,107 @@ def test_self_conditioning_loss_trains_only_the_second_call():
     assert (len(calls) - 400) / 400 == pytest.approx(0.5, abs=0.08)
 
 
+# -- stable targets (MNIST module) ---------------------------------------------------------------
+
+
+def bayes_x0(d, xt, t, pool, prior=None):
+    """E[x0 | x_t] over the pool images by Bayes' rule, written out in float64 with the Gaussian
+    density of Eq. 4: an independent check of posterior_mean_x0."""
+    out = []
+    for i in range(len(xt)):
+        a = d.sqrt_alphas_cumprod[t[i]].double()
+        s = d.sqrt_one_minus_alphas_cumprod[t[i]].double()
+        logp = torch.distributions.Normal(a * pool.double(), s).log_prob(xt[i].double()).flatten(1).sum(1)
+        if prior is not None:
+            logp = logp + prior[i].double().log()
+        w = (logp - logp.max()).exp()
+        out.append((w[:, None, None, None] * pool.double()).sum(0) / w.sum())
+    return torch.stack(out).float()
+
+
+def zero_net_diffusion(prediction="v"):
+    """A process whose network predicts 0: its loss is then the mean square of the target."""
+    return diffusion.GaussianDiffusion(lambda x, t, y=None: torch.zeros_like(x), 100, "cosine", prediction)
+
+
+def test_posterior_mean_x0_is_bayes_rule_over_the_pool():
+    d = zero_net_diffusion()
+    g = torch.Generator().manual_seed(0)
+    pool = torch.rand(6, 1, 3, 3, generator=g) * 2 - 1
+    t = torch.tensor([0, 20, 50, 70, 85, 99])
+    xt = d.q_sample(pool[[0, 1, 2, 0, 3, 5]], t, torch.randn(6, 1, 3, 3, generator=g))
+    got = d.posterior_mean_x0(xt, t, pool)
+    assert torch.allclose(got, bayes_x0(d, xt, t, pool), atol=1e-5)
+    assert torch.allclose(got[0], pool[0], atol=1e-6)  # t = 0: x_t points at its own image
+    # near pure noise the weights are almost even: the average image
+    assert torch.allclose(got[5], pool.mean(0), atol=0.02)
+    # a mask leaves only the allowed images
+    allowed = torch.zeros(6, 6, dtype=torch.bool)
+    allowed[:, 4:] = True
+    masked = d.posterior_mean_x0(xt, t, pool, allowed)
+    assert torch.allclose(masked, bayes_x0(d, xt, t, pool[4:]), atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_stable_target_with_the_whole_data_set_is_the_exact_regression_target(prediction):
+    """Xu et al. 2023: with a data set of two images and the other one as the reference, the
+    target is built from the exact E[x0 | x_t]: the same for every noise that gives the same
+    x_t, so it has less variance than the usual target, and it agrees with it where x_t fits
+    its own image (small t) and in expectation."""
+    d = zero_net_diffusion(prediction)
+    u, w = x_star((2, 1, 4, 4)).unbind(0)
+    n = 2000
+    x0 = torch.stack([u, w]).repeat(n // 2, 1, 1, 1)  # half u, half w
+    others = torch.stack([w, u]).repeat(n // 2, 1, 1, 1)  # each image's other image
+    t = torch.full((n,), 80)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    xt = d.q_sample(x0, t, noise)
+    a, s = d.sqrt_alphas_cumprod[80], d.sqrt_one_minus_alphas_cumprod[80]
+
+    def target(x0_, eps_):
+        return eps_ if prediction == "eps" else a * eps_ - s * x0_
+
+    # the exact E[x0 | x_t] for the two images, each with prior 1/2, and the target it gives
+    x0_hat = bayes_x0(d, xt, t, torch.stack([u, w]))
+    eps_hat = (xt - a * x0_hat) / s
+    exact = target(x0_hat, eps_hat)
+    stable_loss = torch.stack([d.loss(x0[i:i + 1], t=t[i:i + 1], noise=noise[i:i + 1],
+                                      reference=others[i:i + 1]) for i in range(0, n, 100)])
+    assert torch.allclose(stable_loss, (exact[::100] ** 2).flatten(1).mean(1), rtol=1e-4, atol=1e-7)
+    usual = target(x0, noise)
+    assert 0.01 < (x0_hat - x0).abs().mean() < 0.5  # t = 80: x_t does not pin down its image
+    assert (exact - usual).mean(0).abs().max() < 0.05  # the target moved, by 0 on average
+    # small t: the target is the usual one
+    t5 = torch.full((4,), 5)
+    plain = d.loss(x0[:4], t=t5, noise=noise[:4])
+    assert d.loss(x0[:4], t=t5, noise=noise[:4], reference=others[:4]).item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_stable_target_of_a_conditional_model_weighs_its_own_class_only():
+    """An x_t labelled y can only have come from an image of class y; with its label dropped
+    (classifier-free guidance), from any image."""
+    seen = {}
+    d = diffusion.GaussianDiffusion(None, 100, "cosine", "v")
+    real_posterior = d.posterior_mean_x0
+
+    def spy(xt, t, pool, allowed=None):
+        seen["allowed"] = allowed
+        return real_posterior(xt, t, pool, allowed)
+    d.posterior_mean_x0 = spy
+    d.model = lambda x, t, y: torch.zeros_like(x)
+    x0 = x_star((2, 1, 2, 2))
+    reference = x_star((3, 1, 2, 2), seed=1)
+    d.loss(x0, y=torch.tensor([0, 1]), p_uncond=0.0, reference=reference,
+           reference_y=torch.tensor([1, 0, 1]))
+    # pool = (x0[0], x0[1], reference...): labels 0, 1, 1, 0, 1
+    assert seen["allowed"].tolist() == [[True, False, False, True, False],
+                                        [False, True, True, False, True]]
+    torch.manual_seed(0)
+    d.loss(x0, y=torch.tensor([0, 1]), p_uncond=0.999, reference=reference,
+           reference_y=torch.tensor([1, 0, 1]))
+    assert seen["allowed"].all()
+
+
 # -- the MNIST U-Net -------------------------------------------------------------------------------
 
 

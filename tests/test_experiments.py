@@ -137,7 +137,7 @@ def test_timestep_analysis_end_to_end(setup, tmp_path):
         ["--checkpoint", str(root / "u" / "last.pt"), "--loss-images", "8", "--loss-points", "5",
          "--vlb-images", "4", "--trajectory-samples", "2", "--snapshots", "4", "--device", "cpu",
          "--out-dir", str(out), "--data-dir", str(root / "data")]))
-    for f in ("forward_process.png", "schedules.png", "loss_per_timestep.png", "vlb_terms.png",
+    for f in ("forward_process.png", "schedules.png", "stable_targets.png", "loss_per_timestep.png", "vlb_terms.png",
               "trajectory.png", "trajectory.gif", "ddim_eta.png", "self_conditioning.png", "analysis.json"):
         assert (out / f).is_file(), f
     v = report["vlb"]
@@ -151,6 +151,11 @@ def test_timestep_analysis_end_to_end(setup, tmp_path):
     r = timestep_analysis.main(timestep_analysis.parse_args(["--out-dir", str(tmp_path / "n"), "--data-dir",
                                                              str(root / "data")]))
     assert "vlb" not in r and (tmp_path / "n" / "schedules.png").is_file()
+    # stable targets: the usual target at t = 0 (x_t shows its own image), the weight spread
+    # over most of the images and the target moved near pure noise
+    st = r["stable_targets"]
+    assert st["t"][0] == 0 and st["v_shift_mse"][0] < 1e-8 and st["images_sharing_weight"][0] == pytest.approx(1)
+    assert st["v_shift_mse"][-1] > 0.01 and st["images_sharing_weight"][-1] > 10
 
 
 def test_loss_per_timestep_is_the_training_loss(setup):

@@ -248,10 +248,44 @@ def test_bad_checkpoints_are_refused(mnist_dir):
     (["--dataset", "imagenet"], "neither a known data set"),
     (["--p-uncond", "1.5"], "--p-uncond must be in"),
     (["--t-power", "0"], "--t-power must be in"),
+    (["--reference-size", "-1"], "--reference-size must be 0"),
 ])
 def test_impossible_arguments(mnist_dir, extra, message):
     with pytest.raises(SystemExit, match=message):
         run(mnist_dir, *extra)
+
+
+@pytest.mark.parametrize("class_cond", [False, True])
+def test_stable_targets_draw_references_from_the_training_split(mnist_dir, monkeypatch, class_cond):
+    """--reference-size N: every training step hands the loss N random training images (with
+    their labels for a conditional model), never a validation image; 0: none."""
+    seen = []
+    loss = diffusion.GaussianDiffusion.loss
+
+    def spy(self, x0, y=None, **kw):
+        if kw.get("reference") is not None:
+            seen.append((kw["reference"], kw["reference_y"]))
+        return loss(self, x0, y, **kw)
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "loss", spy)
+    extra = ["--class-cond"] if class_cond else []
+    run(mnist_dir, "--max-steps", "3", "--reference-size", "40", *extra)
+    assert len(seen) == 3
+    train = train_diffusion.common.load_dataset("mnist", str(mnist_dir / "data"), 28, 1)
+    train_idx, val_idx = common.split_train_val(len(train.images), 16)
+    images = common.to_model_range(train.images).flatten(1)
+    for reference, reference_y in seen:
+        assert reference.shape == (40, 1, 28, 28)
+        # each reference is a training image (its label with it), none a validation image
+        match = (reference.flatten(1)[:, None] == images[None]).all(-1)  # (40, all images)
+        assert match.any(1).all() and not match[:, val_idx].any()
+        if class_cond:
+            first = match.float().argmax(1)
+            assert torch.equal(reference_y, train.labels[first])
+        else:
+            assert reference_y is None
+    seen.clear()
+    run(mnist_dir, "--max-steps", "2", "--reference-size", "0", *extra, out="off")
+    assert seen == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
