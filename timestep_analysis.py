@@ -189,11 +189,11 @@ def stable_targets(x0, pool, T, points, seed):
     d = mnist_module.GaussianDiffusion(None, T, "cosine", "v")
     g = torch.Generator().manual_seed(seed)
     ts = np.linspace(0, T - 1, points).round().astype(int)
+    references = torch.cat([x0, pool])
     shifts, spread = [], []
     for t in ts:
         tt = torch.full((len(x0),), int(t))
         xt = d.q_sample(x0, tt, torch.randn(x0.shape, generator=g))
-        references = torch.cat([x0, pool])
         w = d.posterior_weights(xt, tt, references)  # (images, references)
         x0_hat = (w @ references.flatten(1)).view(x0.shape)  # d.posterior_mean_x0
         shifts.append((((x0 - x0_hat) / d.sqrt_one_minus_alphas_cumprod[t]) ** 2).mean().item())
