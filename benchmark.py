@@ -1,8 +1,8 @@
 """Measure training and sampling speed. Example: python benchmark.py --quick
 
-Training: images/s of full optimizer steps (forward, backward, AdamW, EMA) and peak memory
-(process RSS while it runs on the CPU, max allocated on CUDA), for the MNIST model and each
-CIFAR preset.
+Training: images/s of full optimizer steps (forward, backward, the training script's default
+optimizer, EMA) and peak memory (process RSS while it runs on the CPU, max allocated on CUDA),
+for the MNIST model and each CIFAR preset.
 Sampling: images/s for DDPM (1000 steps) and DDIM (10 and 50 steps) at several batch sizes.
 Each figure is the median of --repeats timed runs after a warm-up run.
 Against the machine's limit: the FLOPs of a training step and of a forward pass are counted
@@ -25,6 +25,8 @@ import torch
 import common
 import diffusion
 import train_diffusion
+import train_diffusion_cifar
+import training
 
 
 def cpu_name():
@@ -127,7 +129,8 @@ def bench_training(name, module, config, schedule, batch, device, args):
     model = module.DiffusionModel(**config).to(device, memory_format=layout)
     diff = module.GaussianDiffusion(model, 1000, schedule).to(device)
     ema = module.EMA(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")  # as training.Trainer
+    script = train_diffusion if module is diffusion else train_diffusion_cifar
+    opt = training.make_optimizer(model, script.parse_args([]).optimizer, 1e-4, 0.0, device)  # the default
     shape = (batch, config["channels"], config["image_size"], config["image_size"])
     x0 = torch.randn(shape, device=device).contiguous(memory_format=layout)
     if args.compile:
@@ -157,7 +160,8 @@ def bench_training(name, module, config, schedule, batch, device, args):
             ema.update(model)
 
     seconds, peak = with_peak_memory(lambda: median_time(steps, device, args.repeats), device)
-    flops = count_flops(steps) / (batch * args.train_steps)  # forward + backward, per image
+    # forward + backward (and Muon's matrix products, where it is the optimizer), per image
+    flops = count_flops(steps) / (batch * args.train_steps)
     images_per_s = batch * args.train_steps / seconds
     return {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "task": "train", "batch": batch, "images_per_s": images_per_s,

@@ -381,13 +381,16 @@ def load_checkpoint(path, kind=None):
              f"not this script, which trains the {kind} model")
     # checkpoints saved before these options existed hold an eps model, and for MNIST a
     # network whose time embedding is added rather than scaling the norm, without
-    # self-conditioning, with 8 groups in every GroupNorm
+    # self-conditioning, with 8 groups in every GroupNorm; they trained with AdamW, and MNIST
+    # ones on the usual targets
     ckpt["diffusion"].setdefault("prediction", "eps")
     if isinstance(ckpt.get("args"), dict):
         ckpt["args"].setdefault("t_power", 1.0)  # uniform training timesteps
         ckpt["args"].setdefault("sigma_lognormal", None)
+        ckpt["args"].setdefault("optimizer", "adamw")  # its optimizer state is AdamW's
         if ckpt["kind"] == "mnist":
             ckpt["args"].setdefault("self_cond", False)
+            ckpt["args"].setdefault("reference_size", 0)  # the usual targets
     if ckpt["kind"] == "mnist":
         ckpt["model_config"].setdefault("adaptive_norm", False)
         ckpt["model_config"].setdefault("self_cond", False)

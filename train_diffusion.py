@@ -2,13 +2,14 @@
 
 Writes last.pt, best.pt, metrics.csv, loss_curve.png, progress.png, samples_epochNNN.png and samples.png
 under --out-dir. The defaults below (shown as this script uses them) give digits after 10
-minutes on a 2-core CPU; they depart from the DDPM paper in six places, each named in the
+minutes on a 2-core CPU; they depart from the DDPM paper in seven places, each named in the
 README: the cosine schedule, v-prediction, training timesteps with density ~ t (--t-power 2),
 a high learning rate with a cosine decay over the budget, self-conditioning (the network also
-sees its own estimate of x0; --no-self-cond turns it off), and stable targets (the target is
-built from E[x0 | x_t] over 2,048 reference images; --reference-size 0 turns them off). The
-network itself is smaller than DDPM's and normalizes groups of 8 channels (diffusion.py,
-group_norm).
+sees its own estimate of x0; --no-self-cond turns it off), stable targets (the target is
+built from E[x0 | x_t] over 2,048 reference images; --reference-size 0 turns them off), and
+the Muon optimizer for the weight matrices (training.Muon; --optimizer adamw for AdamW
+alone). The network itself is smaller than DDPM's and normalizes groups of 8 channels
+(diffusion.py, group_norm).
 """
 
 import argparse
@@ -40,10 +41,10 @@ def parse_args(argv=None):
                         "E[x0 | x_t] over the batch's own image and this many random training "
                         "images, drawn for every batch; 0: the usual target, from the image alone")
     training.add_training_args(p, "mnist")
-    # defaults chosen for "digits in 10 minutes on 2 CPU cores" (README, Results): 85 to 86%
-    # confident samples in float32, 86 to 88% with bf16, over three seeds (RESULTS.md)
+    # defaults chosen for "digits in 10 minutes on 2 CPU cores" (README, Results)
     p.set_defaults(batch_size=64, lr=2e-3, warmup=200, ema_decay=0.9995, schedule="cosine",
-                   prediction="v", t_power=2.0, lr_schedule="cosine", epochs=50, patience=5)
+                   prediction="v", t_power=2.0, lr_schedule="cosine", epochs=50, patience=5,
+                   optimizer="muon")
     return p.parse_args(argv)
 
 

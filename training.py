@@ -49,8 +49,12 @@ def add_training_args(p, kind):
     a("--max-minutes", type=float, default=None,
       help="wall-clock budget for the whole run, minutes; a resumed run counts its earlier time")
     a("--batch-size", type=int, default=128, help="images per optimizer step")
-    a("--lr", type=float, default=2e-4, help="peak learning rate of AdamW")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--lr", type=float, default=2e-4,
+      help="peak learning rate (of AdamW, and of Muon with steps of AdamW's size: training.Muon)")
+    a("--optimizer", choices=["adamw", "muon"], default="adamw",
+      help="adamw, or muon: Muon for the hidden layers' weight matrices, AdamW for the rest "
+           "(training.Muon), at the same --lr")
+    a("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     a("--warmup", type=int, default=500, help="linear learning-rate warmup, in steps")
     a("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant",
       help="after warmup: constant, or a cosine or linear decay to 0 over --epochs or "
@@ -222,6 +226,113 @@ def setup_distributed(device_name):
 
 
 # ----------------------------------------------------------------------------------------
+# The optimizer: Muon for the hidden layers' weight matrices, AdamW for the rest
+
+
+def newton_schulz(G, steps=5):
+    """About the orthogonal factor U V^T of each matrix G = U S V^T of a batch (B, m, n),
+    m <= n, in a few small matrix products instead of an SVD (the orthogonalization of Muon:
+    Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks").
+
+    (X X^T) X has the singular vectors of X and its singular values cubed, so the quintic
+    X <- a X + b (X X^T) X + c (X X^T)^2 X maps each singular value s to a s + b s^3 + c s^5
+    and keeps the vectors. Started from X = G / ||G||_F (every s <= 1), five steps with these
+    coefficients take every s >= 0.01 ||G||_F into [0.68, 1.14] (test_newton_schulz_...):
+    not exactly 1, and Muon does not need it to be.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm(dim=(1, 2), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT  # (B, m, m)
+        X = a * X + (b * A + c * A @ A) @ X
+    return X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for param groups marked matrix=True, AdamW (as torch.optim.AdamW) for the others.
+
+    Muon (Jordan et al. 2024) treats a weight as the matrix it is; a conv filter bank
+    (out, in, k, k) as out x (in k k). With the gradient G and momentum mu = 0.95:
+        M <- mu M + G                             momentum
+        O <- newton_schulz(G + mu M)              Nesterov; every singular value about 1
+        W <- W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O
+    Why: a gradient matrix is dominated by a few directions (a few large singular values), and
+    so is Adam's step, which leaves the many weaker directions almost unlearned. The
+    orthogonalized step moves every direction alike. O's RMS is 1 / sqrt(max(m, n)), so
+    0.2 sqrt(max(m, n)) O has an RMS of 0.2, about that of an AdamW step, and one --lr serves
+    both kinds of parameter (Liu et al. 2025, "Muon is Scalable for LLM Training",
+    arXiv:2502.16982, Sec. 2.2). Layers that read the pixels or write the output, biases,
+    norms and embeddings stay with AdamW (muon_param_groups).
+    """
+
+    def __init__(self, param_groups, lr, weight_decay=0.0, momentum=0.95, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(param_groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                            betas=betas, eps=eps, matrix=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (self.muon_step if group["matrix"] else self.adamw_step)(group, params)
+
+    def muon_step(self, group, params):
+        lr, mu = group["lr"], group["momentum"]
+        by_shape = {}  # (m, n) -> [(param, transposed, update)]: one batched newton_schulz each
+        for p in params:
+            M = self.state[p].setdefault("momentum", torch.zeros_like(p))
+            M.mul_(mu).add_(p.grad)  # M <- mu M + G
+            U = p.grad.add(M, alpha=mu).reshape(len(p), -1)  # Nesterov; (out, in k k)
+            tall = U.shape[0] > U.shape[1]
+            U = U.T if tall else U  # (m, n) with m <= n
+            by_shape.setdefault(tuple(U.shape), []).append((p, tall, U))
+        for (m, n), items in by_shape.items():
+            O = newton_schulz(torch.stack([U.float() for _, _, U in items]))  # (B, m, n)
+            for (p, tall, _), o in zip(items, O):
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_((o.T if tall else o).reshape(p.shape).to(p.dtype), alpha=-lr * 0.2 * n ** 0.5)
+
+    def adamw_step(self, group, params):
+        """torch.optim.AdamW's update, for many small tensors at once (_foreach ops)."""
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if not st:
+                st.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            st["step"] += 1
+        n = states[0]["step"]
+        grads = [p.grad for p in params]
+        m, v = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        torch._foreach_lerp_(m, grads, 1 - beta1)  # m <- beta1 m + (1 - beta1) g
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, 1 - beta2)  # v <- beta2 v + (1 - beta2) g^2
+        denom = torch._foreach_sqrt(v)  # sqrt(v / (1 - beta2^n)) + eps: bias-corrected
+        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** n))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_addcdiv_(params, m, denom, -lr / (1 - beta1 ** n))
+
+
+def muon_param_groups(model):
+    """Muon's matrices: the weights of every Conv2d and Linear layer except the first conv
+    (it reads the pixels) and the last (it writes the output). Everything else: AdamW."""
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    matrices = [m.weight for m in layers if m is not convs[0] and m is not convs[-1]]
+    chosen = {id(w) for w in matrices}
+    rest = [p for p in model.parameters() if id(p) not in chosen]
+    return [dict(params=matrices, matrix=True), dict(params=rest, matrix=False)]
+
+
+def make_optimizer(model, name, lr, weight_decay, device):
+    """--optimizer: "muon" (Muon for the weight matrices, AdamW for the rest) or "adamw", the
+    fused (single-kernel) AdamW on CUDA and the foreach one elsewhere."""
+    if name == "muon":
+        return Muon(muon_param_groups(model), lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -261,9 +372,7 @@ class Trainer:
         # a self-conditioned network is validated the same way every time, not at random: always
         # with its own first guess of x0 (two calls)
         self.val_extra = {"p_self_cond": 1.0} if getattr(self.sampler, "self_cond", False) else {}
-        # the fused (single-kernel) AdamW on CUDA; the foreach one elsewhere
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                     fused=self.device.type == "cuda")
+        self.opt = make_optimizer(self.model, args.optimizer, args.lr, args.weight_decay, self.device)
         self.state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "loss_sum": 0.0, "loss_count": 0,
                       "best_val": math.inf, "bad_epochs": 0}
         self.elapsed_before = 0.0  # seconds of training in earlier sessions of a resumed run
@@ -531,7 +640,7 @@ class Trainer:
             n_params = sum(p.numel() for p in self.model.parameters())
             targets = f" on stable targets ({self.reference_size} references)" if self.reference_size else ""
             print(f"{self.kind} model: {n_params / 1e6:.2f}M parameters, predicts {args.prediction}"
-                  f"{targets}, "
+                  f"{targets}, {'Muon + AdamW' if args.optimizer == 'muon' else 'AdamW'}, "
                   f"{len(self.train_idx)} training images, {self.batches_per_epoch} steps per epoch, "
                   f"device {self.device}, {self.world} process(es), "
                   f"{'bf16 autocast' if self.bf16 else 'float32'}")

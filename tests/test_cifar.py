@@ -121,7 +121,7 @@ def cifar_dir(tmp_path, monkeypatch):
 
 
 def test_cifar_training_end_to_end_and_resume(cifar_dir):
-    result = train_diffusion_cifar.main(cifar_args(cifar_dir, "--epochs", "1"))
+    result = train_diffusion_cifar.main(cifar_args(cifar_dir, "--epochs", "1", "--optimizer", "muon"))
     out = cifar_dir / "out"
     assert result.state["step"] == 5  # 100 images - 20 held out = 80 = 5 batches of 16
     for name in ("last.pt", "best.pt", "metrics.csv", "loss_curve.png", "samples_epoch001.png", "samples.png"):
@@ -136,6 +136,7 @@ def test_cifar_training_end_to_end_and_resume(cifar_dir):
                                              "--out-dir", str(out), "--device", "cpu",
                                              "--data-dir", str(cifar_dir / "data")])
     assert train_diffusion_cifar.main(args).state["step"] == 10
+    assert torch.load(out / "last.pt", weights_only=True)["args"]["optimizer"] == "muon"
     import train_diffusion
     with pytest.raises(SystemExit, match="use train_diffusion_cifar.py"):
         train_diffusion.main(train_diffusion.parse_args(["--resume", str(out / "last.pt")]))
@@ -145,6 +146,7 @@ def test_recipes_set_the_defaults_and_flags_override_them():
     cpu = train_diffusion_cifar.parse_args([])
     assert (cpu.recipe, cpu.preset, cpu.lr, cpu.warmup, cpu.schedule, cpu.prediction, cpu.lr_schedule) == \
         ("cpu", "cpu", 1e-3, 200, "cosine", "v", "cosine")
+    assert cpu.optimizer == "adamw"  # Muon was measured on MNIST only
     paper = train_diffusion_cifar.parse_args(["--recipe", "paper"])
     assert (paper.preset, paper.lr, paper.warmup, paper.ema_decay, paper.batch_size, paper.schedule,
             paper.prediction, paper.t_power) == ("ddpm", 2e-4, 5000, 0.9999, 128, "linear", "eps", 1.0)

@@ -12,6 +12,7 @@ from PIL import Image
 import common
 import training
 import diffusion
+import diffusion_cifar
 import train_diffusion
 from helpers import tiny_mnist_args, write_idx, write_image_folder, write_mnist
 
@@ -67,6 +68,7 @@ def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir
     del ckpt["args"]["prediction"], ckpt["diffusion"]["prediction"], ckpt["model_config"]["adaptive_norm"]
     del ckpt["args"]["self_cond"], ckpt["model_config"]["self_cond"]  # nor self-conditioning
     del ckpt["model_config"]["norm_group_size"]  # nor groups of 8 channels
+    del ckpt["args"]["optimizer"], ckpt["args"]["reference_size"]  # AdamW, the usual targets
     old = diffusion.DiffusionModel(**ckpt["model_config"], adaptive_norm=False, norm_group_size=None)
     assert old.downs[0].res.norm1.num_groups == 8  # 16 channels: 8 groups of 2
     opt = torch.optim.AdamW(old.parameters())
@@ -88,13 +90,15 @@ def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir
     train_diffusion.main(args)
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["state"]["step"] == 3 and ckpt["diffusion"]["prediction"] == "eps"
+    assert ckpt["args"]["optimizer"] == "adamw" and ckpt["args"]["reference_size"] == 0
     assert ckpt["model_config"]["adaptive_norm"] is False
     assert ckpt["model_config"]["self_cond"] is False
     assert ckpt["model_config"]["norm_group_size"] is None
 
-def test_resume_continues_exactly(mnist_dir):
-    run(mnist_dir, "--epochs", "2", out="straight")
-    run(mnist_dir, "--epochs", "2", "--max-steps", "5", out="split")  # stopped after one epoch
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_resume_continues_exactly(mnist_dir, optimizer):
+    run(mnist_dir, "--epochs", "2", "--optimizer", optimizer, out="straight")
+    run(mnist_dir, "--epochs", "2", "--max-steps", "5", "--optimizer", optimizer, out="split")  # one epoch
     split = mnist_dir / "split"
     args = train_diffusion.parse_args(["--resume", str(split / "last.pt"), "--epochs", "2",
                                        "--out-dir", str(split), "--device", "cpu",
@@ -102,7 +106,7 @@ def test_resume_continues_exactly(mnist_dir):
     train_diffusion.main(args)
     a = torch.load(mnist_dir / "straight" / "last.pt", weights_only=True)
     b = torch.load(split / "last.pt", weights_only=True)
-    assert a["state"] == b["state"]
+    assert a["state"] == b["state"] and b["args"]["optimizer"] == optimizer
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
         assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
@@ -400,3 +404,96 @@ def test_training_loss_is_logged_every_25_steps_and_survives_a_resume(mnist_dir)
                                                      "--data-dir", str(mnist_dir / "data")]))
     log2 = torch.load(last, weights_only=True)["train_log"]
     assert sorted(log2) == [25, 50, 75] and log2[50] == log[50]
+
+
+# -- the optimizer: Muon for the weight matrices, AdamW for the rest ---------------------------
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def test_newton_schulz_keeps_the_singular_vectors_and_brings_the_values_near_one():
+    """newton_schulz(G) = U p(S / ||G||_F) V^T with p the quintic applied five times: checked
+    against the SVD in float64, for singular values spread over two decades."""
+    torch.manual_seed(0)
+    spread = torch.diag(torch.logspace(-2, 0, 40, dtype=torch.float64))
+    G = torch.randn(3, 16, 40, dtype=torch.float64) @ spread  # (B, m, n), m <= n
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    s = S / torch.linalg.matrix_norm(G)[:, None]
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(5):
+        s = a * s + b * s ** 3 + c * s ** 5
+    O = training.newton_schulz(G)
+    assert torch.allclose(O, U @ torch.diag_embed(s) @ Vh, atol=1e-6)
+    values = torch.linalg.svdvals(O)
+    assert (S >= 0.01 * torch.linalg.matrix_norm(G)[:, None]).all()
+    assert values.min() > 0.68 and values.max() < 1.14  # the docstring's range
+
+
+def test_muon_step_is_the_orthogonalized_nesterov_momentum_with_rms_0_2():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 4, 3)  # weight (4, 8, 3, 3): a wide 4 x 72 matrix
+    linear = torch.nn.Linear(4, 12)  # weight (12, 4): tall, orthogonalized as its transpose
+    params = [conv.weight, linear.weight]
+    lr, mu = 0.01, 0.9
+    opt = training.Muon([dict(params=params, matrix=True)], lr=lr, momentum=mu)
+    g1, g2 = [torch.randn_like(p) for p in params], [torch.randn_like(p) for p in params]
+    w0 = [p.detach().clone() for p in params]
+    for p, g in zip(params, g1):
+        p.grad = g.clone()
+    opt.step()
+    for p, w, g in zip(params, w0, g1):
+        # first step: M = G, so the update orthogonalizes G + mu G, which has G's singular vectors
+        G = g.reshape(len(g), -1).double()
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        n = max(G.shape)
+        step = (w - p.detach()).reshape(G.shape).double() / (lr * 0.2 * n ** 0.5)
+        D = U.T @ step @ Vh.T  # diagonal: the step's singular vectors are G's
+        assert torch.allclose(D, torch.diag(torch.diagonal(D)), atol=1e-4)
+        assert 0.68 < torch.diagonal(D).min() and torch.diagonal(D).max() < 1.14
+        rms = (w - p.detach()).pow(2).mean().sqrt().item() / lr  # per unit lr: AdamW's about 0.2
+        assert 0.2 * 0.68 < rms < 0.2 * 1.14
+    w1 = [p.detach().clone() for p in params]
+    for p, g in zip(params, g2):
+        p.grad = g.clone()
+    opt.step()
+    for p, w, a, b in zip(params, w1, g1, g2):
+        momentum = mu * a + b  # M <- mu M + G
+        U = (b + mu * momentum).reshape(len(b), -1)  # Nesterov
+        tall = U.shape[0] > U.shape[1]
+        O = training.newton_schulz((U.T if tall else U)[None])[0]
+        expected = w - lr * 0.2 * max(U.shape) ** 0.5 * (O.T if tall else O).reshape(w.shape)
+        assert torch.allclose(p.detach(), expected, atol=1e-6)
+
+
+def test_muon_updates_the_other_parameters_exactly_as_torch_adamw():
+    torch.manual_seed(0)
+    ours = [torch.randn(5, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = training.Muon([dict(params=ours)], lr=0.01, weight_decay=0.1)  # matrix=False: AdamW
+    ref = torch.optim.AdamW(theirs, lr=0.01, weight_decay=0.1)
+    for _ in range(5):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mnist", "cifar"])
+def test_muon_takes_the_hidden_weight_matrices_and_adamw_the_rest(kind):
+    model = (diffusion.DiffusionModel(self_cond=True, num_classes=10) if kind == "mnist" else
+             diffusion_cifar.DiffusionModel(base_channels=32, num_classes=10))
+    matrices, rest = training.muon_param_groups(model)
+    name = {id(p): n for n, p in model.named_parameters()}
+    muon = {name[id(p)] for p in matrices["params"]}
+    adamw = {name[id(p)] for p in rest["params"]}
+    assert matrices["matrix"] and not rest["matrix"]
+    assert not muon & adamw and len(muon | adamw) == len(name)
+    assert "init_conv.weight" in adamw and "out.2.weight" in adamw  # reads pixels, writes output
+    assert "class_embed.weight" in adamw and all(n.endswith("weight") for n in muon)
+    assert {"time_embed.mlp.0.weight", "bottleneck.attn.qkv.weight"} <= muon or kind == "cifar"
+    assert all(model.get_parameter(n).ndim >= 2 for n in muon)
+    assert all(model.get_parameter(n).ndim == 1 for n in adamw - {"init_conv.weight", "out.2.weight",
+                                                                      "class_embed.weight"})
