@@ -14,6 +14,9 @@ With --checkpoint (about a minute on 2 CPU cores for the MNIST model with the de
   self_conditioning.png  for a self-conditioned model (the MNIST default): DDIM-50 from the
                          same noise with its own x0 estimate fed back, and with zeros instead;
                          loss_per_timestep.png then also shows the loss without the estimate
+  optimizer_steps.png    for one batch, the singular values of the gradient of three of the
+                         network's weight matrices and of the step AdamW and Muon
+                         (train_diffusion.py --optimizer) would take from it
 and analysis.json with the numbers. The bound defaults to an estimate from every 10th term
 on 32 images; the exact sum is --vlb-stride 1 (T network calls per batch; --vlb-images 256
 for a tight error bar).
@@ -29,6 +32,7 @@ from tqdm.auto import tqdm
 
 import common
 import diffusion as mnist_module
+import training
 
 FORWARD_TIMES = [0, 50, 100, 250, 500, 750, 999]
 
@@ -236,6 +240,56 @@ def loss_per_timestep(diffusion, x0, points, seed, p_self_cond=1.0):
     return ts, losses
 
 
+def optimizer_steps(diffusion, x0, seed):
+    """The gradient G of one batch's loss for three 3x3 convs of the network (first, middle and
+    last of Muon's matrices), as out x (in 3 3) matrices, and the first step each optimizer
+    takes from it: AdamW's is sign(G) (m / sqrt(v) with m = (1 - beta1) G and v = (1 - beta2)
+    G^2, bias-corrected), Muon's newton_schulz(G). Returns {layer: {step: its singular values,
+    largest first, divided by the largest}}."""
+    model = diffusion.model
+    convs = [p for p in training.muon_param_groups(model)[0]["params"] if p.ndim == 4 and p.shape[-1] == 3]
+    names = {id(p): n for n, p in model.named_parameters()}
+    torch.manual_seed(seed)  # the self-conditioning coin and the batch's t and noise
+    trainable = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(True)
+    with torch.enable_grad():
+        diffusion.loss(x0, p_uncond=0.0).backward()
+    for p, flag in zip(model.parameters(), trainable):
+        p.requires_grad_(flag)
+    out = {}
+    for p in (convs[0], convs[len(convs) // 2], convs[-1]):
+        G = p.grad.reshape(len(p), -1).double()  # (out, in 3 3)
+        G = G.T if G.shape[0] > G.shape[1] else G
+        steps = {"gradient G": G, "AdamW's first step: sign(G)": G.sign(),
+                 "Muon's step: newton_schulz(G)": training.newton_schulz(G[None])[0]}
+        values = {k: torch.linalg.svdvals(M) for k, M in steps.items()}  # largest first
+        layer = f"{names[id(p)]} ({G.shape[0]} x {G.shape[1]})"
+        out[layer] = {k: (v / v[0]).tolist() for k, v in values.items()}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def optimizer_steps_figure(steps, path):
+    plt = common.pyplot()
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, len(steps), figsize=(4.2 * len(steps), 3.6))
+    for ax, (layer, values) in zip(axes, steps.items()):
+        for label, v in values.items():
+            ax.plot(range(1, len(v) + 1), v, label=label)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("singular value, largest first")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("divided by the largest")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("One batch's gradient and the step each optimizer takes: Muon moves every direction alike",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def line_figure(x, ys, labels, path, xlabel, ylabel, title, logy=True):
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -395,6 +449,10 @@ def main(args):
         if diffusion.self_cond:
             self_conditioning_figure(module, diffusion, cfg, args.seed, out_dir / "self_conditioning.png")
             written.append("self_conditioning.png")
+        steps = optimizer_steps(diffusion, x0, args.seed)
+        optimizer_steps_figure(steps, out_dir / "optimizer_steps.png")
+        report["optimizer_steps"] = steps
+        written.append("optimizer_steps.png")
         v = report["vlb"]
         print(f"NLL bound: {v['bits_per_dim']:.3f} +- {v['bits_per_dim_std_err']:.3f} bits/dim "
               f"(prior {v['prior_bpd']:.2e}, KL terms {v['kl_sum_bpd']:.3f}, decoder {v['decoder_bpd']:.3f})")

@@ -2,7 +2,8 @@
 
 Read Trainer.run first: it is the loop, one page, with a comment on each phase (data,
 forward/backward, optimizer and EMA, logging, budgets). Everything around it is a small
-named method: learning_rate, validation_loss, sample_grid, save, end_of_epoch.
+named method: learning_rate, validation_loss, sample_grid, save, end_of_epoch. Above the
+trainer, the optimizer: Muon for the network's weight matrices, AdamW for the rest (Muon).
 The model modules (diffusion.py, diffusion_cifar.py) know nothing of this file.
 """
 
@@ -257,12 +258,12 @@ class Muon(torch.optim.Optimizer):
         O <- newton_schulz(G + mu M)              Nesterov; every singular value about 1
         W <- W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O
     Why: a gradient matrix is dominated by a few directions (a few large singular values), and
-    so is Adam's step, which leaves the many weaker directions almost unlearned. The
-    orthogonalized step moves every direction alike. O's RMS is 1 / sqrt(max(m, n)), so
-    0.2 sqrt(max(m, n)) O has an RMS of 0.2, about that of an AdamW step, and one --lr serves
-    both kinds of parameter (Liu et al. 2025, "Muon is Scalable for LLM Training",
-    arXiv:2502.16982, Sec. 2.2). Layers that read the pixels or write the output, biases,
-    norms and embeddings stay with AdamW (muon_param_groups).
+    Adam's elementwise step only partly evens that out, so the many weaker directions learn
+    slowly (timestep_analysis.py draws both). The orthogonalized step moves every direction
+    alike. O's RMS is 1 / sqrt(max(m, n)), so 0.2 sqrt(max(m, n)) O has an RMS of 0.2, about
+    that of an AdamW step, and one --lr serves both kinds of parameter (Liu et al. 2025, "Muon
+    is Scalable for LLM Training", arXiv:2502.16982, Sec. 2.2). Layers that read the pixels or
+    write the output, biases, norms and embeddings stay with AdamW (muon_param_groups).
     """
 
     def __init__(self, param_groups, lr, weight_decay=0.0, momentum=0.95, betas=(0.9, 0.999), eps=1e-8):
@@ -288,9 +289,11 @@ class Muon(torch.optim.Optimizer):
             by_shape.setdefault(tuple(U.shape), []).append((p, tall, U))
         for (m, n), items in by_shape.items():
             O = newton_schulz(torch.stack([U.float() for _, _, U in items]))  # (B, m, n)
+            scale = 0.2 * n ** 0.5  # O's RMS is 1 / sqrt(n), so the step's is 0.2 lr, as AdamW's
             for (p, tall, _), o in zip(items, O):
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_((o.T if tall else o).reshape(p.shape).to(p.dtype), alpha=-lr * 0.2 * n ** 0.5)
+                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
+                update = (o.T if tall else o).reshape(p.shape).to(p.dtype)
+                p.add_(update, alpha=-lr * scale)  # W <- W - lr 0.2 sqrt(n) O
 
     def adamw_step(self, group, params):
         """torch.optim.AdamW's update, for many small tensors at once (_foreach ops)."""
@@ -315,7 +318,8 @@ class Muon(torch.optim.Optimizer):
 
 def muon_param_groups(model):
     """Muon's matrices: the weights of every Conv2d and Linear layer except the first conv
-    (it reads the pixels) and the last (it writes the output). Everything else: AdamW."""
+    (it reads the pixels) and the last (it writes the output). Everything else (biases, norm
+    scales, embedding tables): AdamW."""
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     matrices = [m.weight for m in layers if m is not convs[0] and m is not convs[-1]]
@@ -329,7 +333,8 @@ def make_optimizer(model, name, lr, weight_decay, device):
     fused (single-kernel) AdamW on CUDA and the foreach one elsewhere."""
     if name == "muon":
         return Muon(muon_param_groups(model), lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                             fused=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------

@@ -759,16 +759,15 @@ def test_training_cuts_the_loss():
 
 
 def test_readme_math_tour_links_land_on_the_code():
-    """Each diffusion.py#L<n> link in README's math tour points at a def or a commented line."""
+    """Each file.py#L<n> link in README's math tour points at a def or a commented line."""
     from pathlib import Path
     import re
     root = Path(__file__).resolve().parent.parent
-    lines = (root / "diffusion.py").read_text().splitlines()
     readme = (root / "README.md").read_text()
-    links = [int(n) for n in re.findall(r"\(diffusion\.py#L(\d+)\)", readme)]
-    assert len(links) >= 10
-    for text, anchor in re.findall(r"\[line (\d+)\]\(diffusion\.py#L(\d+)\)", readme):
+    links = re.findall(r"\[(?:(\w+\.py) )?line (\d+)\]\((\w+\.py)#L(\d+)\)", readme)
+    assert len(links) >= 10 and {"diffusion.py", "training.py"} <= {f for *_, f, _ in links}
+    for named, text, path, anchor in links:
         assert text == anchor, f"the link text says line {text} but points at line {anchor}"
-    for n in links:
-        line = lines[n - 1].strip()
-        assert line.startswith("def ") or "#" in line, (n, line)
+        assert named in ("", path), f"the link text names {named} but points into {path}"
+        line = (root / path).read_text().splitlines()[int(anchor) - 1].strip()
+        assert line.startswith(("def ", "class ")) or "#" in line, (path, anchor, line)

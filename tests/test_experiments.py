@@ -138,8 +138,16 @@ def test_timestep_analysis_end_to_end(setup, tmp_path):
          "--vlb-images", "4", "--trajectory-samples", "2", "--snapshots", "4", "--device", "cpu",
          "--out-dir", str(out), "--data-dir", str(root / "data")]))
     for f in ("forward_process.png", "schedules.png", "stable_targets.png", "loss_per_timestep.png", "vlb_terms.png",
-              "trajectory.png", "trajectory.gif", "ddim_eta.png", "self_conditioning.png", "analysis.json"):
+              "trajectory.png", "trajectory.gif", "ddim_eta.png", "self_conditioning.png", "optimizer_steps.png",
+              "analysis.json"):
         assert (out / f).is_file(), f
+    # Muon's step spreads over all directions: its singular values lie far closer together
+    # than the gradient's (divided by the largest, all three lists start at 1)
+    assert len(report["optimizer_steps"]) == 3
+    for values in report["optimizer_steps"].values():
+        g, adamw, muon = values.values()
+        assert g[0] == adamw[0] == muon[0] == pytest.approx(1)
+        assert min(muon) > 0.5 and min(muon) > 3 * min(g)
     v = report["vlb"]
     assert v["bits_per_dim"] > 0 and v["prior_bpd"] >= 0 and v["decoder_bpd"] >= 0
     assert v["bits_per_dim"] == pytest.approx(v["prior_bpd"] + v["kl_sum_bpd"] + v["decoder_bpd"], rel=1e-4)
