@@ -129,15 +129,15 @@ def bench_training(name, module, config, schedule, batch, device, args):
     model = module.DiffusionModel(**config).to(device, memory_format=layout)
     diff = module.GaussianDiffusion(model, 1000, schedule).to(device)
     ema = module.EMA(model)
-    script = train_diffusion if module is diffusion else train_diffusion_cifar
-    opt = training.make_optimizer(model, script.parse_args([]).optimizer, 1e-4, 0.0, device)  # the default
+    defaults = (train_diffusion if module is diffusion else train_diffusion_cifar).parse_args([])
+    opt = training.make_optimizer(model, defaults.optimizer, 1e-4, 0.0, device)  # the script's
     shape = (batch, config["channels"], config["image_size"], config["image_size"])
     x0 = torch.randn(shape, device=device).contiguous(memory_format=layout)
     if args.compile:
         diff.model = torch.compile(model)
     # the MNIST default trains on stable targets: --reference-size random training images per
     # step, gathered and converted as Trainer.reference_set does (here from random uint8 images)
-    n_reference = train_diffusion.parse_args([]).reference_size if module is diffusion else 0
+    n_reference = getattr(defaults, "reference_size", 0)
     pool = torch.randint(0, 256, (60000, *shape[1:]), dtype=torch.uint8) if n_reference else None
 
     def reference():
