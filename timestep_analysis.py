@@ -259,7 +259,6 @@ def optimizer_steps(diffusion, x0, seed):
     out = {}
     for p in (convs[0], convs[len(convs) // 2], convs[-1]):
         G = p.grad.reshape(len(p), -1).double()  # (out, in 3 3)
-        G = G.T if G.shape[0] > G.shape[1] else G
         steps = {"gradient G": G, "AdamW's first step: sign(G)": G.sign(),
                  "Muon's step: newton_schulz(G)": training.newton_schulz(G[None])[0]}
         values = {k: torch.linalg.svdvals(M) for k, M in steps.items()}  # largest first

@@ -232,8 +232,9 @@ def setup_distributed(device_name):
 
 def newton_schulz(G, steps=5):
     """About the orthogonal factor U V^T of each matrix G = U S V^T of a batch (B, m, n),
-    m <= n, in a few small matrix products instead of an SVD (the orthogonalization of Muon:
-    Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks").
+    in a few small matrix products instead of an SVD (the orthogonalization of Muon: Jordan
+    et al. 2024, "Muon: An optimizer for hidden layers in neural networks"). A tall batch
+    (m > n) is worked on as its transpose, so that X X^T is the smaller square, min(m, n)^2.
 
     (X X^T) X has the singular vectors of X and its singular values cubed, so the quintic
     X <- a X + b (X X^T) X + c (X X^T)^2 X maps each singular value s to a s + b s^3 + c s^5
@@ -241,12 +242,14 @@ def newton_schulz(G, steps=5):
     coefficients take every s >= 0.01 ||G||_F into [0.68, 1.14] (test_newton_schulz_...):
     not exactly 1, and Muon does not need it to be.
     """
+    tall = G.shape[-2] > G.shape[-1]
+    X = G.mT.contiguous() if tall else G  # (B, m, n), m <= n
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G / (G.norm(dim=(1, 2), keepdim=True) + 1e-7)
+    X = X / (X.norm(dim=(1, 2), keepdim=True) + 1e-7)
     for _ in range(steps):
         A = X @ X.mT  # (B, m, m)
         X = a * X + (b * A + c * A @ A) @ X
-    return X
+    return X.mT if tall else X
 
 
 class Muon(torch.optim.Optimizer):
@@ -279,21 +282,18 @@ class Muon(torch.optim.Optimizer):
 
     def muon_step(self, group, params):
         lr, mu = group["lr"], group["momentum"]
-        by_shape = {}  # (m, n) -> [(param, transposed, update)]: one batched newton_schulz each
+        by_shape = {}  # (m, n) -> [(param, update)]: one batched newton_schulz each
         for p in params:
             M = self.state[p].setdefault("momentum", torch.zeros_like(p))
             M.mul_(mu).add_(p.grad)  # M <- mu M + G
             U = p.grad.add(M, alpha=mu).reshape(len(p), -1)  # Nesterov; (out, in k k)
-            tall = U.shape[0] > U.shape[1]
-            U = U.T if tall else U  # (m, n) with m <= n
-            by_shape.setdefault(tuple(U.shape), []).append((p, tall, U))
+            by_shape.setdefault(tuple(U.shape), []).append((p, U))
         for (m, n), items in by_shape.items():
-            O = newton_schulz(torch.stack([U.float() for _, _, U in items]))  # (B, m, n)
-            scale = 0.2 * n ** 0.5  # O's RMS is 1 / sqrt(n), so the step's is 0.2 lr, as AdamW's
-            for (p, tall, _), o in zip(items, O):
+            O = newton_schulz(torch.stack([U.float() for _, U in items]))  # (B, m, n)
+            scale = 0.2 * max(m, n) ** 0.5  # O's RMS is 1 / sqrt(max(m, n)): the step's is 0.2 lr
+            for (p, _), o in zip(items, O):
                 p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
-                update = (o.T if tall else o).reshape(p.shape).to(p.dtype)
-                p.add_(update, alpha=-lr * scale)  # W <- W - lr 0.2 sqrt(n) O
+                p.add_(o.reshape(p.shape).to(p.dtype), alpha=-lr * scale)  # W <- W - lr scale O
 
     def adamw_step(self, group, params):
         """torch.optim.AdamW's update, for many small tensors at once (_foreach ops)."""

@@ -427,6 +427,8 @@ def test_newton_schulz_keeps_the_singular_vectors_and_brings_the_values_near_one
     values = torch.linalg.svdvals(O)
     assert (S >= 0.01 * torch.linalg.matrix_norm(G)[:, None]).all()
     assert values.min() > 0.68 and values.max() < 1.14  # the docstring's range
+    # a tall batch is orthogonalized as its transpose
+    assert torch.allclose(training.newton_schulz(G.mT), O.mT, atol=1e-12)
 
 
 def test_muon_step_is_the_orthogonalized_nesterov_momentum_with_rms_0_2():
