@@ -297,19 +297,25 @@ def describe(model):
 class EMA:
     """Shadow weights w_ema <- d * w_ema + (1 - d) * w, with a warmed-up decay.
 
-    The decay d = min(decay, (1 + n) / (10 + n)) after n updates, so a short run is not
-    dominated by the random initial weights.
+    The decay after n updates is d = min(decay, (1 + n) / (power + 2 + n)). Until it reaches
+    `decay`, w_ema is an average of all the weights so far in which the weights after update k
+    count (k + 2)(k + 3)...(k + power + 1) times, about k^power: a power-function EMA (Karras
+    et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models",
+    arXiv:2312.02696, Sec. 3.1), so the average stretches with the run and a short run is not
+    dominated by the random initial weights. Weights k^power on a run of N updates put a
+    share 1 - (1 - f)^(power + 1) on its last fraction f: power 8, the (1 + n) / (10 + n) of
+    TensorFlow's EMA, 61% on the last tenth; power 3, 80% on the last third.
     """
 
-    def __init__(self, model, decay=0.9995):
-        self.decay = decay
+    def __init__(self, model, decay=0.9995, power=8.0):
+        self.decay, self.power = decay, power
         self.num_updates = 0
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model):
         self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        d = min(self.decay, (1 + self.num_updates) / (self.power + 2 + self.num_updates))
         current = model.state_dict()
         floats = [k for k, v in current.items() if v.dtype.is_floating_point]
         # w_ema += (1 - d) (w - w_ema) for all float tensors at once (one fused kernel per group)
@@ -319,7 +325,8 @@ class EMA:
                 self.shadow[k].copy_(v)
 
     def state_dict(self):
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+        return {"decay": self.decay, "power": self.power, "num_updates": self.num_updates,
+                "shadow": self.shadow}
 
     def load_state_dict(self, state):
         missing, unexpected = self.shadow.keys() - state["shadow"].keys(), state["shadow"].keys() - self.shadow.keys()
@@ -327,6 +334,7 @@ class EMA:
             raise KeyError(f"EMA weights do not match the model: missing {sorted(missing)[:3]}, "
                            f"unexpected {sorted(unexpected)[:3]}")
         self.decay, self.num_updates = state["decay"], state["num_updates"]
+        self.power = state.get("power", 8.0)  # saved before --ema-power: (1 + n) / (10 + n)
         for k, v in state["shadow"].items():
             self.shadow[k].copy_(v)
 

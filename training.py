@@ -63,6 +63,10 @@ def add_training_args(p, kind):
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     a("--ema-decay", type=float, default=0.9999,
       help="EMA decay of the weights, reached after a warmup")
+    a("--ema-power", type=float, default=8.0,
+      help="the EMA's warmup: until --ema-decay is reached, the EMA averages all weights so "
+           "far, those of step k weighted about as k^power (diffusion.EMA); 8: the last tenth "
+           "of a run counts most, 3: the last third")
     a("--schedule", choices=["linear", "cosine"], default="linear",
       help="the noise schedule beta_t: DDPM's linear one or Nichol & Dhariwal's cosine")
     a("--prediction", choices=["eps", "v"], default="eps",
@@ -103,9 +107,9 @@ def add_training_args(p, kind):
 def check_training_args(args):
     """Impossible arguments get a clear message instead of a failure deep inside torch."""
     common.check_finite(lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                        ema_decay=args.ema_decay, p_uncond=args.p_uncond, guidance=args.guidance,
-                        t_power=args.t_power, max_minutes=args.max_minutes, min_delta=args.min_delta,
-                        eval_share=args.eval_share)
+                        ema_decay=args.ema_decay, ema_power=args.ema_power, p_uncond=args.p_uncond,
+                        guidance=args.guidance, t_power=args.t_power, max_minutes=args.max_minutes,
+                        min_delta=args.min_delta, eval_share=args.eval_share)
     for name in ["batch_size", "epochs", "timesteps", "sample_steps"]:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -123,6 +127,8 @@ def check_training_args(args):
         fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
     if not 0 <= args.ema_decay < 1:
         fail(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not args.ema_power >= 0:
+        fail(f"--ema-power must be >= 0, got {args.ema_power}")
     if args.sample_steps > args.timesteps:
         fail(f"--sample-steps ({args.sample_steps}) cannot exceed --timesteps ({args.timesteps})")
     if not 0 < args.t_power <= 10:
@@ -370,7 +376,7 @@ class Trainer:
         # checkpoints store the network's own config, defaults included, so that a setting the
         # caller left to its default is not later read as a checkpoint from before it existed
         self.model_config = self.model.config
-        self.ema = module.EMA(self.model, args.ema_decay)
+        self.ema = module.EMA(self.model, args.ema_decay, args.ema_power)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.sampler = module.GaussianDiffusion(self.ema_model, args.timesteps, args.schedule,
                                                 args.prediction).to(self.device)
