@@ -735,6 +735,39 @@ def test_ema_warmup_and_average(D):
     assert ema2.decay == 0.99 and ema2.num_updates == 2001
 
 
+@pytest.mark.parametrize("power", [0.0, 2.5, 3.0, 8.0])
+def test_ema_warmup_is_a_power_function_average(D, power):
+    """Before the cap, the EMA is sum_k W_k w_k over the weights after each update k (k = 0:
+    the initial weights), with W_k = (1 - d_k) prod_{j > k} d_j for d_j = (1 + j) / (power + 2
+    + j), which telescopes to W_k ~ Gamma(k + power + 2) / Gamma(k + 2), about k^power."""
+    m = torch.nn.Linear(1, 1, bias=False)
+    ema = D.EMA(m, decay=0.9999999, power=power)
+    n = 1000
+    for k in range(1, n + 1):
+        with torch.no_grad():
+            m.weight.fill_(float(k))  # the weights after update k are k, the initial ones 0
+        ema.update(m)
+    g = power
+    lg = math.lgamma
+    # closed form of the weights, computed independently of the recursion
+    W = [math.exp(lg(n + 2) + lg(g + 3) - lg(2) - lg(n + g + 3))]  # the initial weights
+    W += [(g + 1) / (g + 2 + k) * math.exp(lg(n + 2) + lg(k + g + 3) - lg(k + 2) - lg(n + g + 3))
+          for k in range(1, n + 1)]
+    assert sum(W) == pytest.approx(1.0, rel=1e-9)
+    assert ema.shadow["weight"].item() == pytest.approx(sum(k * w for k, w in enumerate(W)), rel=1e-5)
+    # the docstring's shares: 1 - (1 - f)^(power + 1) of the weight on the last fraction f
+    for f in (0.1, 1 / 3):
+        share = sum(W[k] for k in range(n + 1) if k > (1 - f) * n)
+        assert share == pytest.approx(1 - (1 - f) ** (g + 1), abs=0.01)
+    # saved and restored with its power; a state saved before the power existed means 8
+    ema2 = D.EMA(m, decay=0.5, power=1.0)
+    ema2.load_state_dict(ema.state_dict())
+    assert ema2.power == power
+    old = {k: v for k, v in ema.state_dict().items() if k != "power"}
+    ema2.load_state_dict(old)
+    assert ema2.power == 8.0
+
+
 def test_training_cuts_the_loss():
     D = diffusion  # the MNIST U-Net; tests/test_cifar.py covers the CIFAR one
     torch.manual_seed(0)

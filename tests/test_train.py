@@ -56,6 +56,7 @@ def test_end_to_end_writes_every_output(mnist_dir):
     model2, diff2, module = common.model_from_checkpoint(ckpt, "cpu")
     assert module is diffusion and diff2.num_timesteps == 50 and diff2.schedule == "cosine"
     assert diff2.prediction == "v"  # the MNIST default
+    assert ckpt["ema"]["power"] == 3.0 and ckpt["args"]["ema_power"] == 3.0  # the MNIST default
 
 
 def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir):
@@ -69,6 +70,7 @@ def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir
     del ckpt["args"]["self_cond"], ckpt["model_config"]["self_cond"]  # nor self-conditioning
     del ckpt["model_config"]["norm_group_size"]  # nor groups of 8 channels
     del ckpt["args"]["optimizer"], ckpt["args"]["reference_size"]  # AdamW, the usual targets
+    del ckpt["args"]["ema_power"], ckpt["ema"]["power"]  # the EMA's (1 + n) / (10 + n)
     old = diffusion.DiffusionModel(**ckpt["model_config"], adaptive_norm=False, norm_group_size=None)
     assert old.downs[0].res.norm1.num_groups == 8  # 16 channels: 8 groups of 2
     opt = torch.optim.AdamW(old.parameters())
@@ -94,6 +96,7 @@ def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir
     assert ckpt["model_config"]["adaptive_norm"] is False
     assert ckpt["model_config"]["self_cond"] is False
     assert ckpt["model_config"]["norm_group_size"] is None
+    assert ckpt["ema"]["power"] == 8.0 and ckpt["ema"]["num_updates"] == 3
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_resume_continues_exactly(mnist_dir, optimizer):
@@ -252,6 +255,8 @@ def test_bad_checkpoints_are_refused(mnist_dir):
     (["--dataset", "imagenet"], "neither a known data set"),
     (["--p-uncond", "1.5"], "--p-uncond must be in"),
     (["--t-power", "0"], "--t-power must be in"),
+    (["--ema-power", "-1"], "--ema-power must be >= 0"),
+    (["--ema-power", "nan"], "--ema-power must be a finite number"),
     (["--reference-size", "-1"], "--reference-size must be 0"),
 ])
 def test_impossible_arguments(mnist_dir, extra, message):
