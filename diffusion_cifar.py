@@ -310,6 +310,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model):
         self.num_updates += 1
+        # power-function warmup (Karras et al. 2024 Sec. 3.1): weights of update k ~ k^power
         d = min(self.decay, (1 + self.num_updates) / (self.power + 2 + self.num_updates))
         current = model.state_dict()
         floats = [k for k, v in current.items() if v.dtype.is_floating_point]
