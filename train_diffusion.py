@@ -42,7 +42,7 @@ def parse_args(argv=None):
                         "images, drawn for every batch; 0: the usual target, from the image alone")
     training.add_training_args(p, "mnist")
     # defaults chosen for "digits in 10 minutes on 2 CPU cores" (README, Results)
-    p.set_defaults(batch_size=64, lr=3e-3, warmup=200, ema_decay=0.9995, ema_power=3.0, schedule="cosine",
+    p.set_defaults(batch_size=64, lr=3e-3, warmup=200, ema_decay=0.9995, schedule="cosine",
                    prediction="v", t_power=2.0, lr_schedule="cosine", epochs=50, patience=5,
                    optimizer="muon")
     return p.parse_args(argv)

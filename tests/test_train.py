@@ -56,16 +56,17 @@ def test_end_to_end_writes_every_output(mnist_dir):
     model2, diff2, module = common.model_from_checkpoint(ckpt, "cpu")
     assert module is diffusion and diff2.num_timesteps == 50 and diff2.schedule == "cosine"
     assert diff2.prediction == "v"  # the MNIST default
-    assert ckpt["ema"]["power"] == 3.0 and ckpt["args"]["ema_power"] == 3.0  # the MNIST default
+    assert ckpt["ema"]["power"] == 8.0 and ckpt["args"]["ema_power"] == 8.0  # the default
 
 
 def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir):
     """A checkpoint of the first version (no --prediction, no adaptive_norm) holds an eps model
     whose time embedding is added and 8 groups in every norm: it still samples and resumes as
     one, and computes what it computed."""
-    run(mnist_dir, "--max-steps", "2", "--prediction", "eps")
+    run(mnist_dir, "--max-steps", "2", "--prediction", "eps", "--ema-power", "3")
     last = mnist_dir / "out" / "last.pt"
     ckpt = torch.load(last, weights_only=True)
+    assert ckpt["ema"]["power"] == 3.0  # --ema-power reaches the EMA
     del ckpt["args"]["prediction"], ckpt["diffusion"]["prediction"], ckpt["model_config"]["adaptive_norm"]
     del ckpt["args"]["self_cond"], ckpt["model_config"]["self_cond"]  # nor self-conditioning
     del ckpt["model_config"]["norm_group_size"]  # nor groups of 8 channels
