@@ -296,7 +296,7 @@ class EMA:
     `decay`, w_ema is an average of all the weights so far in which the weights after update k
     count (k + 2)(k + 3)...(k + power + 1) times, about k^power: a power-function EMA (Karras
     et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models",
-    arXiv:2312.02696, Sec. 3.1), so the average stretches with the run and a short run is not
+    arXiv:2312.02696, Sec. 3), so the average stretches with the run and a short run is not
     dominated by the random initial weights. Weights k^power on a run of N updates put a
     share 1 - (1 - f)^(power + 1) on its last fraction f: power 8, the (1 + n) / (10 + n) of
     TensorFlow's EMA, 61% on the last tenth; power 3, 80% on the last third.
@@ -310,7 +310,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model):
         self.num_updates += 1
-        # power-function warmup (Karras et al. 2024 Sec. 3.1): weights of update k ~ k^power
+        # power-function warmup (Karras et al. 2024 Sec. 3): weights of update k ~ k^power
         d = min(self.decay, (1 + self.num_updates) / (self.power + 2 + self.num_updates))
         current = model.state_dict()
         floats = [k for k, v in current.items() if v.dtype.is_floating_point]
