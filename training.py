@@ -254,7 +254,8 @@ def newton_schulz(G, steps=5):
     X = X / (X.norm(dim=(1, 2), keepdim=True) + 1e-7)
     for _ in range(steps):
         A = X @ X.mT  # (B, m, m)
-        X = a * X + (b * A + c * A @ A) @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A, in one call
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X: (a + b A + c A^2) X
     return X.mT if tall else X
 
 
