@@ -9,6 +9,8 @@ Against the machine's limit: the FLOPs of a training step and of a forward pass 
 (torch.utils.flop_counter), so each row also shows its achieved GFLOP/s, beside the peak: the
 faster, in the same precision, of one large matrix multiply (BLAS) and one large 3x3
 convolution (oneDNN or cuDNN, the library that runs the network's convolutions).
+With --phases, each phase of a training step (forward and loss, backward, optimizer, EMA) is
+also timed on its own, with its own FLOPs: where the step's time goes.
 """
 
 import argparse
@@ -139,7 +141,10 @@ def models(args):
     return out
 
 
-def bench_training(name, module, config, schedule, batch, device, args):
+def training_step(module, config, schedule, batch, device, args):
+    """The network and one training step as train_diffusion*.py runs it (forward and loss,
+    backward, gradient clipping and the script's default optimizer, EMA), in its four phases:
+    returns (model, {phase name: function}), the functions to be called in order."""
     amp = args.amp == "bf16"
     layout = common.memory_format(device, amp)  # as training.Trainer
     model = module.DiffusionModel(**config).to(device, memory_format=layout)
@@ -155,33 +160,86 @@ def bench_training(name, module, config, schedule, batch, device, args):
     # step, gathered and converted as Trainer.reference_set does (here from random uint8 images)
     n_reference = getattr(defaults, "reference_size", 0)
     pool = torch.randint(0, 256, (60000, *shape[1:]), dtype=torch.uint8) if n_reference else None
+    loss = {}
 
-    def reference():
-        if not n_reference:
-            return {}
-        images = common.to_model_range(pool[torch.randint(len(pool), (n_reference,))])
-        return {"reference": images.to(device).contiguous(memory_format=layout)}
+    def forward():  # the loss: stable targets, self-conditioning's first call, the network
+        reference = {}
+        if n_reference:
+            images = common.to_model_range(pool[torch.randint(len(pool), (n_reference,))])
+            reference = {"reference": images.to(device).contiguous(memory_format=layout)}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss["value"] = diff.loss(x0, **reference)
 
-    def steps():
+    def backward():
+        opt.zero_grad(set_to_none=True)
+        loss.pop("value").backward()
+
+    def optimizer():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return model, {"forward": forward, "backward": backward, "optimizer": optimizer,
+                   "EMA": lambda: ema.update(model)}
+
+
+def bench_training(name, module, config, schedule, batch, device, args):
+    model, phases = training_step(module, config, schedule, batch, device, args)
+
+    def steps(each=lambda phase, fn: fn()):
         # the same coin flips (a self-conditioned network's second call) in every repeat and
         # in the FLOP count, so that images/s and FLOPs describe the same steps
         torch.manual_seed(0)
         for _ in range(args.train_steps):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = diff.loss(x0, **reference())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            ema.update(model)
+            for phase, fn in phases.items():
+                each(phase, fn)
 
     seconds, peak = with_peak_memory(lambda: median_time(steps, device, args.repeats), device)
     # forward + backward (and Muon's matrix products, where it is the optimizer), per image
     flops = count_flops(steps) / (batch * args.train_steps)
     images_per_s = batch * args.train_steps / seconds
-    return {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-            "task": "train", "batch": batch, "images_per_s": images_per_s,
-            "gflop_per_image": flops / 1e9, "gflops": flops * images_per_s / 1e9, "peak_mem_mb": peak}
+    rows = [{"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+             "task": "train", "batch": batch, "images_per_s": images_per_s, "ms_per_step":
+             1000 * seconds / args.train_steps, "gflop_per_image": flops / 1e9,
+             "gflops": flops * images_per_s / 1e9, "peak_mem_mb": peak}]
+    if args.phases:
+        rows += phase_rows(name, steps, list(phases), batch, device, args)
+    return rows
+
+
+def phase_rows(name, steps, phases, batch, device, args):
+    """Where a training step's time goes: each phase timed on its own (the device synchronized
+    after each) over the same steps as the train row, with its FLOPs and GFLOP/s."""
+    from torch.utils.flop_counter import FlopCounterMode
+    seconds = {phase: [] for phase in phases}
+    flops = dict.fromkeys(phases, 0)
+
+    def timed(phase, fn):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        seconds[phase][-1] += time.perf_counter() - start
+
+    def counted(phase, fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops[phase] += counter.get_total_flops()
+
+    steps()  # warm-up
+    sync(device)
+    for _ in range(args.repeats):
+        for times in seconds.values():
+            times.append(0.0)
+        steps(timed)
+    steps(counted)
+    rows = []
+    for phase in phases:
+        per_step = statistics.median(seconds[phase]) / args.train_steps
+        row = {"model": name, "task": f"train: {phase}", "batch": batch, "ms_per_step": 1000 * per_step}
+        if flops[phase]:
+            row.update(gflop_per_image=flops[phase] / (batch * args.train_steps) / 1e9,
+                       gflops=flops[phase] / args.train_steps / per_step / 1e9)
+        rows.append(row)
+    return rows
 
 
 def bench_sampling(name, module, config, schedule, sampler, steps, batch, device, args):
@@ -259,8 +317,8 @@ def bench_forward(name, module, config, batch, device, args):
 
 
 def markdown(rows, header):
-    cols = ["model", "params_m", "task", "batch", "images_per_s", "gflop_per_image", "gflops",
-            "percent_of_peak", "peak_mem_mb"]
+    cols = ["model", "params_m", "task", "batch", "images_per_s", "ms_per_step", "gflop_per_image",
+            "gflops", "percent_of_peak", "peak_mem_mb"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -288,6 +346,9 @@ def parse_args(argv=None):
     p.add_argument("--baseline", action="store_true",
                    help="also time the diffusers UNet2DModel of the same widths, if installed")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="precision: none (float32) or bf16 autocast")
+    p.add_argument("--phases", action="store_true",
+                   help="also time each phase of a training step (forward, backward, optimizer, "
+                        "EMA) on its own, with its GFLOP/s: where the step's time goes")
     p.add_argument("--compile", action="store_true", help="torch.compile the network for the training rows")
     p.add_argument("--json", default=None, help="write the rows here as JSON")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -315,9 +376,10 @@ def main(args):
     print(header)
     rows = []
     for name, module, config, schedule in models(args):
-        rows.append(bench_training(name, module, config, schedule, args.train_batch, device, args))
-        rows.append(bench_forward(name, module, config, args.train_batch, device, args))
-        print(rows[-2], rows[-1], sep="\n")
+        measured = bench_training(name, module, config, schedule, args.train_batch, device, args)
+        measured.append(bench_forward(name, module, config, args.train_batch, device, args))
+        print(*measured, sep="\n")
+        rows += measured
         sampling = [] if args.no_sampling else [("ddim", 10), ("ddim", 50), ("ddpm", 1000)]
         for sampler, steps in sampling:
             for batch in args.batch_sizes:

@@ -347,10 +347,37 @@ def class_report(probs, requested=None, threshold=0.9):
     return report
 
 
-def score_with_classifier(images, dataset, classifier_path, device, requested=None):
-    """FID in the project classifier's features against the test split, and its class report."""
+def save_unsure_grid(images, probs, path, n=32, threshold=0.9):
+    """A figure of the n samples the classifier is least sure of (the lowest top probability),
+    each titled with its most probable class and that probability: what the samples outside
+    the confident share look like. Returns their indices, least sure first."""
+    top = probs.max(1)
+    order = np.argsort(top, kind="stable")[:n]
+    plt = common.pyplot()
+    cols = 8
+    rows = max(1, math.ceil(len(order) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3 + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order):
+        common.show_image(ax, uint8_nhwc_to_model(images[i:i + 1])[0])
+        ax.set_title(f"{probs[i].argmax()}: {top[i]:.2f}", fontsize=8)
+    fig.suptitle(f"the {len(order)} of {len(images)} samples the classifier is least sure of "
+                 f"(class: probability); {100 * (top < threshold).mean():.1f}% are below {threshold}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return order
+
+
+def score_with_classifier(images, dataset, classifier_path, device, requested=None, unsure_path=None):
+    """FID in the project classifier's features against the test split, and its class report.
+    unsure_path: also save_unsure_grid there."""
     clf, c = load_classifier(classifier_path, dataset, device)
     feats, probs = classify(clf, images, device)
+    if unsure_path:
+        save_unsure_grid(images, probs, unsure_path)
     mu, sigma = gaussian_stats(feats)
     fid = frechet_distance(mu, sigma, c["ref_mu"].numpy(), c["ref_sigma"].numpy())
     label = f"project {dataset} classifier ({feats.shape[1]}-d), against its {c['num_test']} test images"
@@ -424,8 +451,11 @@ def add_feature_args(p):
 
 def check_feature_network(dataset, args, device):
     """A missing or wrong classifier is an error before minutes of sampling, not after."""
-    if feature_space(dataset, args.features) == "classifier":
+    space = feature_space(dataset, args.features)
+    if space == "classifier":
         load_classifier(args.classifier or default_classifier_path(dataset), dataset, device)
+    elif getattr(args, "save_unsure", None):
+        common.fail("--save-unsure needs the project classifier's probabilities; add --features classifier")
 
 
 def evaluate_images(images, dataset, args, device, requested=None):
@@ -435,7 +465,8 @@ def evaluate_images(images, dataset, args, device, requested=None):
         report.update(score_inception(images, args, device))
     else:
         path = args.classifier or default_classifier_path(dataset)
-        report.update(score_with_classifier(images, dataset, path, device, requested))
+        report.update(score_with_classifier(images, dataset, path, device, requested,
+                                            getattr(args, "save_unsure", None)))
     return report
 
 
@@ -529,6 +560,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=250, help="images per sampler call")
     p.add_argument("--save-npz", default=None, help="also save the drawn samples here")
     p.add_argument("--save-grid", default=None, help="also save the first 64 images as a PNG grid here")
+    p.add_argument("--save-unsure", default=None,
+                   help="also save a PNG of the 32 samples the classifier is least sure of, each "
+                        "with its class and probability (needs the classifier's features)")
     p.add_argument("--json", default=None, help="write the report here as JSON")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -550,7 +584,8 @@ def main(args):
     common.check_finite(eta=args.eta, guidance=args.guidance)
     if args.eta < 0:
         common.fail(f"--eta must be >= 0, got {args.eta}")
-    for path, what in ((args.json, "--json"), (args.save_npz, "--save-npz"), (args.save_grid, "--save-grid")):
+    for path, what in ((args.json, "--json"), (args.save_npz, "--save-npz"), (args.save_grid, "--save-grid"),
+                       (args.save_unsure, "--save-unsure")):
         common.check_writable_file(path, what)
     if args.out_dir:
         common.check_writable_dir(args.out_dir)
@@ -598,6 +633,7 @@ def main(args):
             images = load_png_folder(source, SHAPES[dataset][2])
         else:
             images = load_npz(source)
+        check_feature_network(dataset, args, device)
     images = check_samples(images, dataset, source)
     if args.save_grid:
         common.save_grid(uint8_nhwc_to_model(images[:64]), args.save_grid, nrow=8)

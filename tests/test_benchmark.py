@@ -54,3 +54,23 @@ def test_flop_counter_against_closed_forms():
     x = torch.randn(2, 3, 10, 10)
     with torch.no_grad():
         assert benchmark.count_flops(lambda: conv(x)) == 2 * 2 * 4 * 10 * 10 * 3 * 3 * 3
+
+
+def test_benchmark_phases_split_the_training_step():
+    """--phases: the four phases of a training step, whose FLOPs add up to the whole step's
+    (the same steps and coin flips), the optimizer's being Muon's Newton-Schulz products."""
+    out = benchmark.main(benchmark.parse_args(
+        ["--models", "mnist", "--no-sampling", "--train-batch", "4", "--train-steps", "2", "--repeats", "1",
+         "--phases", "--device", "cpu"]))
+    train, *phases, forward = out["rows"]
+    assert [r["task"] for r in phases] == ["train: forward", "train: backward", "train: optimizer", "train: EMA"]
+    assert forward["task"] == "forward" and all(r["ms_per_step"] > 0 for r in [train] + phases)
+    assert sum(r.get("gflop_per_image", 0) for r in phases) == pytest.approx(train["gflop_per_image"])
+    assert "gflops" not in phases[3]  # the EMA is elementwise: no matmul or convolution FLOPs
+    matrices = training.muon_param_groups(diffusion.DiffusionModel(self_cond=True))[0]["params"]
+    shapes = [sorted((len(w), w[0].numel())) for w in matrices]
+    muon_flops = sum(5 * (4 * m * m * n + 2 * m ** 3) for m, n in shapes)
+    assert phases[2]["gflop_per_image"] == pytest.approx(muon_flops / 4 / 1e9)
+    # backward costs about twice the one network call it differentiates; the forward phase
+    # makes one call, or two when self-conditioning makes its first: 2x or 1x the forward phase
+    assert 0.9 < phases[1]["gflop_per_image"] / phases[0]["gflop_per_image"] < 2.1

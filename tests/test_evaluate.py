@@ -241,3 +241,25 @@ def test_feature_space_choice(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
     assert evaluate.feature_space("cifar10", "auto") == "inception"
     assert evaluate.feature_space("cifar10", "classifier") == "classifier"
+
+
+def test_save_unsure_shows_the_least_confident_samples(trained, tmp_path):
+    """--save-unsure draws the samples with the lowest top probability, least sure first."""
+    root, clf, _ = trained
+    real, _ = evaluate.dataset_nhwc("mnist", root / "data", "test")
+    np.savez(tmp_path / "real.npz", arr_0=real[:40])
+    report = evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "real.npz"), "--classifier", str(clf),
+                                                "--device", "cpu", "--save-unsure", str(tmp_path / "unsure.png")]))
+    assert Image.open(tmp_path / "unsure.png").size[0] > 0 and report["num_samples"] == 40
+    # top probabilities 0.9, 0.55, 0.6, 0.55, 0.95: the two at 0.55 (in their order), then 0.6
+    probs = np.array([[0.9, 0.1], [0.45, 0.55], [0.6, 0.4], [0.55, 0.45], [0.05, 0.95]])
+    assert list(evaluate.save_unsure_grid(real[:5], probs, tmp_path / "u.png", n=3)) == [1, 3, 2]
+    assert len(evaluate.save_unsure_grid(real[:5], probs, tmp_path / "u.png")) == 5  # n > samples: all
+
+
+def test_save_unsure_needs_the_classifier(trained, tmp_path):
+    root, clf, _ = trained
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(SystemExit, match="--save-unsure needs the project classifier"):
+        evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "s.npz"), "--dataset", "cifar10",
+                                           "--features", "inception", "--save-unsure", str(tmp_path / "u.png")]))
