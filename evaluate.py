@@ -450,8 +450,9 @@ def add_feature_args(p):
 
 
 def check_feature_network(dataset, args, device):
-    """A missing or wrong classifier is an error before minutes of sampling, not after."""
-    space = feature_space(dataset, args.features)
+    """A missing or wrong classifier is an error before minutes of sampling, not after. Fixes
+    args.features to the space chosen, so that an automatic choice is announced once."""
+    space = args.features = feature_space(dataset, args.features)
     if space == "classifier":
         load_classifier(args.classifier or default_classifier_path(dataset), dataset, device)
     elif getattr(args, "save_unsure", None):
