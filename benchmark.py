@@ -209,7 +209,6 @@ def bench_training(name, module, config, schedule, batch, device, args):
 def phase_rows(name, steps, phases, batch, device, args):
     """Where a training step's time goes: each phase timed on its own (the device synchronized
     after each) over the same steps as the train row, with its FLOPs and GFLOP/s."""
-    from torch.utils.flop_counter import FlopCounterMode
     seconds = {phase: [] for phase in phases}
     flops = dict.fromkeys(phases, 0)
 
@@ -220,9 +219,7 @@ def phase_rows(name, steps, phases, batch, device, args):
         seconds[phase][-1] += time.perf_counter() - start
 
     def counted(phase, fn):
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        flops[phase] += counter.get_total_flops()
+        flops[phase] += count_flops(fn)
 
     steps()  # warm-up
     sync(device)

@@ -9,6 +9,15 @@ import diffusion
 import training
 
 
+def muon_flops():
+    """FLOPs of one Muon step on the default MNIST network, in closed form: five Newton-Schulz
+    iterations, each X X^T (2 m^2 n FLOPs), A A (2 m^3) and (b A + c A A) X (2 m^2 n) per
+    m x n matrix, m <= n."""
+    matrices = training.muon_param_groups(diffusion.DiffusionModel(self_cond=True))[0]["params"]
+    shapes = [sorted((len(w), w[0].numel())) for w in matrices]
+    return sum(5 * (4 * m * m * n + 2 * m ** 3) for m, n in shapes)
+
+
 def test_benchmark_reports_every_row(tmp_path):
     out = benchmark.main(benchmark.parse_args(
         ["--models", "mnist", "--batch-sizes", "2", "--train-batch", "4", "--train-steps", "1", "--repeats", "1",
@@ -28,12 +37,8 @@ def test_benchmark_reports_every_row(tmp_path):
         assert r["percent_of_peak"] == pytest.approx(100 * r["gflops"] / env["peak_gflops"])
     # a training step costs about three forward passes (backward ~ 2x forward), four when
     # self-conditioning makes its first call (on half the steps), plus the default optimizer's
-    # work, which does not grow with the batch: Muon's five Newton-Schulz iterations, each
-    # X X^T (2 m^2 n FLOPs), A A (2 m^3) and (b A + c A A) X (2 m^2 n) per m x n matrix, m <= n
-    matrices = training.muon_param_groups(diffusion.DiffusionModel(self_cond=True))[0]["params"]
-    shapes = [sorted((len(w), w[0].numel())) for w in matrices]
-    muon_flops = sum(5 * (4 * m * m * n + 2 * m ** 3) for m, n in shapes)
-    network = out["rows"][0]["gflop_per_image"] - muon_flops / 4 / 1e9  # batch 4
+    # work, which does not grow with the batch (muon_flops)
+    network = out["rows"][0]["gflop_per_image"] - muon_flops() / 4 / 1e9  # batch 4
     assert 2.5 < network / out["rows"][1]["gflop_per_image"] < 4.5
     assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["task"] == "train"
     assert "| model |" in (tmp_path / "benchmark.md").read_text()
@@ -67,10 +72,7 @@ def test_benchmark_phases_split_the_training_step():
     assert forward["task"] == "forward" and all(r["ms_per_step"] > 0 for r in [train] + phases)
     assert sum(r.get("gflop_per_image", 0) for r in phases) == pytest.approx(train["gflop_per_image"])
     assert "gflops" not in phases[3]  # the EMA is elementwise: no matmul or convolution FLOPs
-    matrices = training.muon_param_groups(diffusion.DiffusionModel(self_cond=True))[0]["params"]
-    shapes = [sorted((len(w), w[0].numel())) for w in matrices]
-    muon_flops = sum(5 * (4 * m * m * n + 2 * m ** 3) for m, n in shapes)
-    assert phases[2]["gflop_per_image"] == pytest.approx(muon_flops / 4 / 1e9)
+    assert phases[2]["gflop_per_image"] == pytest.approx(muon_flops() / 4 / 1e9)  # batch 4
     # backward costs about twice the one network call it differentiates; the forward phase
     # makes one call, or two when self-conditioning makes its first: 2x or 1x the forward phase
     assert 0.9 < phases[1]["gflop_per_image"] / phases[0]["gflop_per_image"] < 2.1

@@ -257,8 +257,7 @@ def test_save_unsure_shows_the_least_confident_samples(trained, tmp_path):
     assert len(evaluate.save_unsure_grid(real[:5], probs, tmp_path / "u.png")) == 5  # n > samples: all
 
 
-def test_save_unsure_needs_the_classifier(trained, tmp_path):
-    root, clf, _ = trained
+def test_save_unsure_needs_the_classifier(tmp_path):
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 32, 32, 3), dtype=np.uint8))
     with pytest.raises(SystemExit, match="--save-unsure needs the project classifier"):
         evaluate.main(evaluate.parse_args(["--samples", str(tmp_path / "s.npz"), "--dataset", "cifar10",
