@@ -29,7 +29,7 @@ import common
 import diffusion
 import train_diffusion
 import train_diffusion_cifar
-import training
+import optimizers
 
 
 def cpu_name():
@@ -148,10 +148,10 @@ def training_step(module, config, schedule, batch, device, args):
     amp = args.amp == "bf16"
     layout = common.memory_format(device, amp)  # as training.Trainer
     model = module.DiffusionModel(**config).to(device, memory_format=layout)
-    diff = module.GaussianDiffusion(model, 1000, schedule).to(device)
-    ema = module.EMA(model)
     defaults = (train_diffusion if module is diffusion else train_diffusion_cifar).parse_args([])
-    opt = training.make_optimizer(model, defaults.optimizer, 1e-4, 0.0, device)  # the script's
+    diff = common.make_diffusion(module, model, config, 1000, schedule, defaults.prediction).to(device)
+    ema = module.EMA(model)
+    opt = optimizers.make_optimizer(model, defaults.optimizer, 1e-4, 0.0, device)  # the script's
     shape = (batch, config["channels"], config["image_size"], config["image_size"])
     x0 = torch.randn(shape, device=device).contiguous(memory_format=layout)
     if args.compile:
@@ -162,13 +162,16 @@ def training_step(module, config, schedule, batch, device, args):
     pool = torch.randint(0, 256, (60000, *shape[1:]), dtype=torch.uint8) if n_reference else None
     loss = {}
 
-    def forward():  # the loss: stable targets, self-conditioning's first call, the network
-        reference = {}
+    def forward():  # as Trainer.train_step: stable targets, then the loss (with self-conditioning)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        noise = torch.randn_like(x0)
+        x0_target, noise_target = x0, noise
         if n_reference:
             images = common.to_model_range(pool[torch.randint(len(pool), (n_reference,))])
-            reference = {"reference": images.to(device).contiguous(memory_format=layout)}
+            pool_images = torch.cat([x0, images.to(device).contiguous(memory_format=layout)])
+            x0_target, noise_target = module.stable_targets(diff, x0, t, noise, pool_images)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss["value"] = diff.loss(x0, **reference)
+            loss["value"] = diff.loss(x0_target, None, t, noise_target)
 
     def backward():
         opt.zero_grad(set_to_none=True)

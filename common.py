@@ -379,22 +379,6 @@ def load_checkpoint(path, kind=None):
         fail(f"{path} is a checkpoint of the {ckpt['kind']} model "
              f"({MODEL_MODULES[ckpt['kind']]}.py); use {TRAIN_SCRIPTS[ckpt['kind']]} with it, "
              f"not this script, which trains the {kind} model")
-    # checkpoints saved before these options existed hold an eps model, and for MNIST a
-    # network whose time embedding is added rather than scaling the norm, without
-    # self-conditioning, with 8 groups in every GroupNorm; they trained with AdamW, and MNIST
-    # ones on the usual targets
-    ckpt["diffusion"].setdefault("prediction", "eps")
-    if isinstance(ckpt.get("args"), dict):
-        ckpt["args"].setdefault("t_power", 1.0)  # uniform training timesteps
-        ckpt["args"].setdefault("sigma_lognormal", None)
-        ckpt["args"].setdefault("optimizer", "adamw")  # its optimizer state is AdamW's
-        if ckpt["kind"] == "mnist":
-            ckpt["args"].setdefault("self_cond", False)
-            ckpt["args"].setdefault("reference_size", 0)  # the usual targets
-    if ckpt["kind"] == "mnist":
-        ckpt["model_config"].setdefault("adaptive_norm", False)
-        ckpt["model_config"].setdefault("self_cond", False)
-        ckpt["model_config"].setdefault("norm_group_size", None)  # 8 groups per norm
     check_weights_finite(ckpt, path)
     return ckpt
 
@@ -412,6 +396,14 @@ def check_weights_finite(ckpt, path):
                      f"that wrote it diverged or the file is damaged; use an earlier checkpoint")
 
 
+def make_diffusion(module, model, model_config, timesteps, schedule, prediction, p_self_cond=0.5):
+    """The process of a model module for `model`: its SelfConditionedDiffusion when the network
+    is self-conditioned (model_config["self_cond"]), else the plain GaussianDiffusion."""
+    if model_config.get("self_cond"):
+        return module.SelfConditionedDiffusion(model, timesteps, schedule, prediction, p_self_cond)
+    return module.GaussianDiffusion(model, timesteps, schedule, prediction)
+
+
 def model_from_checkpoint(ckpt, device, use_ema=True):
     """Rebuild (model, diffusion, module) from a checkpoint's stored config alone."""
     import importlib
@@ -423,7 +415,8 @@ def model_from_checkpoint(ckpt, device, use_ema=True):
         fail(f"the checkpoint's weights do not fit its model config: {str(e).splitlines()[0]}")
     model.to(device).eval()
     try:
-        diffusion = module.GaussianDiffusion(model, **ckpt["diffusion"]).to(device)
+        diffusion = make_diffusion(module, model, ckpt["model_config"], p_self_cond=1.0,
+                                   **ckpt["diffusion"]).to(device)
     except (TypeError, ValueError) as e:
         fail(f"the checkpoint's diffusion settings are not valid: {e}")
     return model, diffusion, module

@@ -329,8 +329,7 @@ class EMA:
         if missing or unexpected:  # a partial EMA would silently keep random weights
             raise KeyError(f"EMA weights do not match the model: missing {sorted(missing)[:3]}, "
                            f"unexpected {sorted(unexpected)[:3]}")
-        self.decay, self.num_updates = state["decay"], state["num_updates"]
-        self.power = state.get("power", 8.0)  # saved before --ema-power: (1 + n) / (10 + n)
+        self.decay, self.num_updates, self.power = state["decay"], state["num_updates"], state["power"]
         for k, v in state["shadow"].items():
             self.shadow[k].copy_(v)
 
@@ -393,45 +392,20 @@ def ddim_timesteps(num_timesteps, steps):
     return np.linspace(num_timesteps - 1, 0, steps).round().astype(np.int64).tolist()
 
 
-LAMBDA_RANGE = (-3.0, 3.5)  # the log-SNR range that logsnr_timesteps spaces evenly (see there)
+def drop_labels(y, p_uncond, generator=None):
+    """Classifier-free guidance's training (Ho & Salimans 2022, arXiv:2207.12598, Alg. 1, line
+    3): each label becomes the null class with probability p_uncond, so that one network learns
+    both the conditional and the unconditional model. y None (no labels): None."""
+    if y is None or p_uncond == 0:
+        return y
+    drop = _rand(y.shape, generator, y.device) < p_uncond
+    return torch.where(drop, torch.full_like(y, NULL_CLASS), y)
 
 
-def logsnr_timesteps(alphas_cumprod, steps):
-    """`steps` timesteps from T-1 down to 0, evenly spaced in lambda = log(alpha / sigma), half
-    the log signal-to-noise ratio (the spacing DPM-Solver, Lu et al. 2022, uses for images).
-
-    A solver's error grows with its step h in lambda, not in t, so even steps in lambda spread
-    the error evenly. Evenly spaced t do not: the cosine schedule's lambda changes fastest near
-    t = 0 and t = T-1, and evenly spaced t take big steps in lambda there.
-    The even spacing covers LAMBDA_RANGE, not all of lambda_{T-1} .. lambda_0 (-9.9 .. 5.1 for
-    the cosine schedule). Below lambda = -3 the signal is under 5% of the noise and the network
-    predicts little more than the mean image, so the first step jumps there from pure noise at
-    t = T-1. Above lambda = 3.5 the noise is under 4 grey levels; one step goes from there to
-    t = 0. Measured on the 10-minute MNIST model (RESULTS.md, "Fewer steps"), 10 steps: FID
-    8.4 over [-3, 3.5], 9.4 over [-5.1, 5.1], 14.3 on evenly spaced t.
-    Each lambda is rounded to the nearest trained timestep; where two round to the same t the
-    later one moves down by one, so the timesteps stay distinct.
-    """
-    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
-    T = len(alphas_cumprod)
-    if not 1 <= steps <= T:
-        raise ValueError(f"sampling steps must be in [1, {T}], got {steps}")
-    lam = 0.5 * np.log(alphas_cumprod / (1 - alphas_cumprod))  # falls as t rises
-    low, high = max(lam[-1], LAMBDA_RANGE[0]), min(lam[0], LAMBDA_RANGE[1])
-    targets = np.linspace(low, high, steps)  # from the noisiest to the cleanest
-    seq = np.interp(targets, lam[::-1], np.arange(T)[::-1]).round().astype(np.int64)
-    seq[0] = T - 1  # the first step always starts from pure noise
-    for i in range(1, steps):  # strictly decreasing ...
-        seq[i] = min(seq[i], seq[i - 1] - 1)
-    for i in range(steps - 1, -1, -1):  # ... and never below 0, ending at 0
-        seq[i] = max(seq[i], steps - 1 - i)
-    if steps > 1:
-        seq[-1] = 0
-    return seq.tolist()
-
-
-SPACINGS = {"uniform": lambda alphas_cumprod, steps: ddim_timesteps(len(alphas_cumprod), steps),
-            "logsnr": logsnr_timesteps}
+def _rand(shape, generator, device):
+    """U(0, 1) draws on the generator's own device (the global stream without one)."""
+    return torch.rand(shape, generator=generator,
+                      device=generator.device if generator is not None else device).to(device)
 
 
 class GaussianDiffusion(nn.Module):
@@ -520,35 +494,39 @@ class GaussianDiffusion(nn.Module):
         s = _extract(self.sqrt_one_minus_alphas_cumprod, t, xt)  # sqrt(1 - abar_t)
         return a * xt - s * v, s * xt + a * v
 
-    # -- training ------------------------------------------------------------------------
+    def x0_and_eps(self, xt, t, out):
+        """The network's output `out` at (x_t, t) as the pair (x0, eps), for either prediction."""
+        if self.prediction == "eps":
+            return self.predict_x0_from_eps(xt, t, out), out  # DDPM Eq. 15
+        return self.x0_and_eps_from_v(xt, t, out)
 
-    def loss(self, x0, y=None, p_uncond=0.1, t=None, noise=None):
+    # -- training: DDPM Algorithm 1 ------------------------------------------------------
+
+    def loss(self, x0, y=None, t=None, noise=None):
         """L_simple = E_{t, x0, eps} ||eps - eps_theta(x_t, t)||^2.  DDPM Alg. 1, Eq. 14.
 
+        t is uniform over all T steps and eps ~ N(0, I), unless the caller passes them (the
+        training loop may draw t with another density; a validation loss fixes both).
         With prediction="v" the target is v instead of eps: in terms of x0 the loss weight is
         then SNR + 1 rather than SNR (Salimans & Ho 2022, Sec. 4), so the almost pure-noise
-        steps, where the rough shape of the image is decided, are no longer weighted by nearly zero.
-        This is also EDM's preconditioning and loss weight (Karras et al. 2022, arXiv:2206.00364,
-        Table 1) with sigma_data = 1: with sigma = sqrt((1 - abar) / abar), its network input
-        c_in (x0 + sigma eps) is x_t, its training target F is -v, and its weight is 1.
-        t is uniform over all T steps unless the caller passes it (a training script may draw
-        it with another density; a validation loss fixes t and noise). For a conditional model,
-        labels are replaced by the null class with probability p_uncond (classifier-free guidance).
+        steps, where the rough shape of the image is decided, are no longer weighted by nearly
+        zero. This is also EDM's preconditioning and loss weight (Karras et al. 2022,
+        arXiv:2206.00364, Table 1) with sigma_data = 1: its network input c_in (x0 + sigma eps)
+        is x_t, its target F is -v, and its weight is 1.
         """
-        B = x0.shape[0]
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (B,), device=x0.device)
+            t = torch.randint(0, self.num_timesteps, (len(x0),), device=x0.device)  # Alg. 1, line 3
         if noise is None:
-            noise = torch.randn_like(x0)
-        xt = self.q_sample(x0, t, noise)
-        if y is not None and p_uncond > 0:
-            drop = torch.rand(B, device=x0.device) < p_uncond
-            y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
+            noise = torch.randn_like(x0)  # Alg. 1, line 4
+        xt = self.q_sample(x0, t, noise)  # DDPM Eq. 4: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
         target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
-        pred = self.model(xt, t) if y is None else self.model(xt, t, y)
-        return F.mse_loss(pred, target)
+        return F.mse_loss(self.network(xt, t, y), target)  # Alg. 1, line 5: descend on this
 
     # -- what every sampler asks the network -------------------------------------------------
+
+    def network(self, xt, t, y=None):
+        """One call of the network at (x_t, t[, y]); t holds a timestep per image."""
+        return self.model(xt, t) if y is None else self.model(xt, t, y)
 
     def guided_output(self, xt, t, y=None, guidance=1.0):
         """The network output at (x_t, t), with classifier-free guidance when y is given and
@@ -559,11 +537,9 @@ class GaussianDiffusion(nn.Module):
         2022, Eq. 6: w = 1 is the plain conditional model.
         """
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
-        if y is None:
-            return self.model(xt, tt)
-        if guidance == 1.0:
-            return self.model(xt, tt, y)
-        eps_cond, eps_uncond = self.model(
+        if y is None or guidance == 1.0:
+            return self.network(xt, tt, y)
+        eps_cond, eps_uncond = self.network(
             torch.cat([xt, xt]), torch.cat([tt, tt]),
             torch.cat([y, torch.full_like(y, NULL_CLASS)])).chunk(2)
         return eps_uncond + guidance * (eps_cond - eps_uncond)  # classifier-free guidance
@@ -576,10 +552,7 @@ class GaussianDiffusion(nn.Module):
         """
         out = self.guided_output(xt, t, y, guidance)
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
-        if self.prediction == "eps":
-            eps, x0_pred = out, self.predict_x0_from_eps(xt, tt, out)  # DDPM Eq. 15
-        else:
-            x0_pred, eps = self.x0_and_eps_from_v(xt, tt, out)
+        x0_pred, eps = self.x0_and_eps(xt, tt, out)
         if clip_x0:
             x0_pred = x0_pred.clamp(-1, 1)
             eps = self.predict_eps_from_x0(xt, tt, x0_pred)
@@ -620,10 +593,9 @@ class GaussianDiffusion(nn.Module):
             return x
         return x, {"t": traj["t"], "xt": torch.stack(traj["xt"]), "x0_pred": torch.stack(traj["x0_pred"])}
 
-    # -- DDPM ------------------------------------------------------------------------------
+    # -- DDPM: Algorithm 2 -----------------------------------------------------------------
 
-    def ddpm_step(self, xt, t, y=None, guidance=1.0, clip_x0=True, variance="posterior",
-                  generator=None):
+    def ddpm_step(self, xt, t, y=None, guidance=1.0, clip_x0=True, variance="posterior", generator=None):
         """One ancestral step x_t -> x_{t-1} (DDPM Alg. 2, lines 3-4). Returns (x_{t-1}, x0_pred).
 
         Alg. 2 writes the mean as 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps); with x0
@@ -631,14 +603,14 @@ class GaussianDiffusion(nn.Module):
         checked in tests). The Eq. 7 form lets x0 be clipped to [-1, 1] first, as the DDPM code
         does. sigma_t^2 is beta-tilde_t (variance="posterior") or beta_t ("beta"), Sec. 3.2.
         """
-        x0_pred, _ = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0)
+        x0_pred, _ = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0)  # eps_theta, Eq. 15
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
         mean, posterior_var = self.q_posterior(x0_pred, xt, tt)  # DDPM Eq. 7 (= Eq. 11)
         if t == 0:
             return mean, x0_pred  # DDPM Alg. 2: no noise at the last step
         var = posterior_var if variance == "posterior" else _extract(self.betas, tt, xt)
-        z = self._randn(xt.shape, generator, xt.device)
-        return mean + var.sqrt() * z, x0_pred  # DDPM Alg. 2, line 4
+        z = self._randn(xt.shape, generator, xt.device)  # Alg. 2, line 3: z ~ N(0, I)
+        return mean + var.sqrt() * z, x0_pred  # Alg. 2, line 4
 
     @torch.no_grad()
     def ddpm_sample(self, shape, y=None, guidance=1.0, generator=None, clip_x0=True,
@@ -671,7 +643,7 @@ class GaussianDiffusion(nn.Module):
         Returns (x_prev, x0_pred).
         """
         alpha_bar_t, alpha_bar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
-        x0_pred, eps = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0)
+        x0_pred, eps = self.predict_x0_and_eps(xt, t, y, guidance, clip_x0)  # "predicted x0", Eq. 9
         sigma_t = self.ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)  # DDIM Eq. 16
         dir_xt = math.sqrt(max(1 - alpha_bar_prev - sigma_t ** 2, 0.0)) * eps  # "direction pointing to x_t"
         x_prev = math.sqrt(alpha_bar_prev) * x0_pred + dir_xt  # DDIM Eq. 12
@@ -764,7 +736,7 @@ class GaussianDiffusion(nn.Module):
         last, which lands on x0 (sigma = 0): there h is infinite, r = 0, and the linear
         extrapolation of x0 would be unbounded; the first-order step returns x0_pred, as DDIM
         does. The timesteps are evenly spaced in log-SNR by default (logsnr_timesteps): with
-        DDIM's evenly spaced t the second order gains little (README, "Fewer steps").
+        DDIM's evenly spaced t the second order gains little (RESULTS.md, "Fewer steps").
         Deterministic given the initial noise. Returns images in [-1, 1].
         """
         seq = SPACINGS[spacing](self.alphas_cumprod_f64, steps)
@@ -779,6 +751,47 @@ class GaussianDiffusion(nn.Module):
 
         return self._sample_loop(shape, seq, step, generator, noise, return_trajectory, progress,
                                  f"DPM-Solver++ {steps}")
+
+
+LAMBDA_RANGE = (-3.0, 3.5)  # the log-SNR range that logsnr_timesteps spaces evenly (see there)
+
+
+def logsnr_timesteps(alphas_cumprod, steps):
+    """`steps` timesteps from T-1 down to 0, evenly spaced in lambda = log(alpha / sigma), half
+    the log signal-to-noise ratio (the spacing DPM-Solver, Lu et al. 2022, uses for images).
+
+    A solver's error grows with its step h in lambda, not in t, so even steps in lambda spread
+    the error evenly. Evenly spaced t do not: the cosine schedule's lambda changes fastest near
+    t = 0 and t = T-1, and evenly spaced t take big steps in lambda there.
+    The even spacing covers LAMBDA_RANGE, not all of lambda_{T-1} .. lambda_0 (-9.9 .. 5.1 for
+    the cosine schedule). Below lambda = -3 the signal is under 5% of the noise and the network
+    predicts little more than the mean image, so the first step jumps there from pure noise at
+    t = T-1. Above lambda = 3.5 the noise is under 4 grey levels; one step goes from there to
+    t = 0. Measured on the 10-minute MNIST model (RESULTS.md, "Fewer steps"), 10 steps: FID
+    8.4 over [-3, 3.5], 9.4 over [-5.1, 5.1], 14.3 on evenly spaced t.
+    Each lambda is rounded to the nearest trained timestep; where two round to the same t the
+    later one moves down by one, so the timesteps stay distinct.
+    """
+    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    T = len(alphas_cumprod)
+    if not 1 <= steps <= T:
+        raise ValueError(f"sampling steps must be in [1, {T}], got {steps}")
+    lam = 0.5 * np.log(alphas_cumprod / (1 - alphas_cumprod))  # falls as t rises
+    low, high = max(lam[-1], LAMBDA_RANGE[0]), min(lam[0], LAMBDA_RANGE[1])
+    targets = np.linspace(low, high, steps)  # from the noisiest to the cleanest
+    seq = np.interp(targets, lam[::-1], np.arange(T)[::-1]).round().astype(np.int64)
+    seq[0] = T - 1  # the first step always starts from pure noise
+    for i in range(1, steps):  # strictly decreasing ...
+        seq[i] = min(seq[i], seq[i - 1] - 1)
+    for i in range(steps - 1, -1, -1):  # ... and never below 0, ending at 0
+        seq[i] = max(seq[i], steps - 1 - i)
+    if steps > 1:
+        seq[-1] = 0
+    return seq.tolist()
+
+
+SPACINGS = {"uniform": lambda alphas_cumprod, steps: ddim_timesteps(len(alphas_cumprod), steps),
+            "logsnr": logsnr_timesteps}
 
 
 if __name__ == "__main__":

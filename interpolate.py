@@ -146,12 +146,10 @@ def classes_mode(args, diffusion, module, ckpt, shape, device, out_dir, guidance
         eps_b = model(x, t, torch.where(cond, c_b, y), **x0_self)
         return torch.where(cond.view(-1, 1, 1, 1), (1 - w) * eps_a + w * eps_b, eps_a)
 
-    blended.self_cond = getattr(diffusion, "self_cond", False)  # GaussianDiffusion reads it here
-
     n = len(ws)
     xT = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device).repeat(n, 1, 1, 1)
-    blend = module.GaussianDiffusion(blended, diffusion.num_timesteps, diffusion.schedule,
-                                     diffusion.prediction).to(device)
+    blend = common.make_diffusion(module, blended, cfg, diffusion.num_timesteps, diffusion.schedule,
+                                  diffusion.prediction, p_self_cond=1.0).to(device)
     frame = torch.arange(n, device=device)
     decoded = decode(blend, xT, args.sampler, args.steps, frame, guidance)
     common.image_rows_figure([decoded], [f"{c_a} -> {c_b}"], out_dir / "class_interpolation.png",

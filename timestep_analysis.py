@@ -23,6 +23,7 @@ for a tight error bar).
 """
 
 import argparse
+import copy
 import json
 import math
 
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 import common
 import diffusion as mnist_module
-import training
+import optimizers
 
 FORWARD_TIMES = [0, 50, 100, 250, 500, 750, 999]
 
@@ -198,8 +199,8 @@ def stable_targets(x0, pool, T, points, seed):
     for t in ts:
         tt = torch.full((len(x0),), int(t))
         xt = d.q_sample(x0, tt, torch.randn(x0.shape, generator=g))
-        w = d.posterior_weights(xt, tt, references)  # (images, references)
-        x0_hat = (w @ references.flatten(1)).view(x0.shape)  # d.posterior_mean_x0
+        w = mnist_module.posterior_weights(d, xt, tt, references)  # (images, references)
+        x0_hat = (w @ references.flatten(1)).view(x0.shape)  # as in diffusion.stable_targets
         shifts.append((((x0 - x0_hat) / d.sqrt_one_minus_alphas_cumprod[t]) ** 2).mean().item())
         spread.append((1 / (w ** 2).sum(1)).mean().item())
     return ts, shifts, spread
@@ -232,11 +233,13 @@ def loss_per_timestep(diffusion, x0, points, seed, p_self_cond=1.0):
     T = diffusion.num_timesteps
     ts = sorted({round(v) for v in np.linspace(0, T - 1, points)})
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
-    extra = {"p_self_cond": p_self_cond} if getattr(diffusion, "self_cond", False) else {}
+    if isinstance(diffusion, mnist_module.SelfConditionedDiffusion):
+        diffusion = copy.copy(diffusion)  # the same network, this script's own coin
+        diffusion.p_self_cond = p_self_cond
     losses = []
     for t in ts:
         tt = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
-        losses.append(diffusion.loss(x0, p_uncond=0.0, t=tt, noise=noise, **extra).item())  # L_simple at t
+        losses.append(diffusion.loss(x0, t=tt, noise=noise).item())  # L_simple at t
     return ts, losses
 
 
@@ -247,20 +250,20 @@ def optimizer_steps(diffusion, x0, seed):
     G^2, bias-corrected), Muon's newton_schulz(G). Returns {layer: {step: its singular values,
     largest first, divided by the largest}}."""
     model = diffusion.model
-    convs = [p for p in training.muon_param_groups(model)[0]["params"] if p.ndim == 4 and p.shape[-1] == 3]
+    convs = [p for p in optimizers.muon_param_groups(model)[0]["params"] if p.ndim == 4 and p.shape[-1] == 3]
     names = {id(p): n for n, p in model.named_parameters()}
     torch.manual_seed(seed)  # the self-conditioning coin and the batch's t and noise
     trainable = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(True)
     with torch.enable_grad():
-        diffusion.loss(x0, p_uncond=0.0).backward()
+        diffusion.loss(x0).backward()
     for p, flag in zip(model.parameters(), trainable):
         p.requires_grad_(flag)
     out = {}
     for p in (convs[0], convs[len(convs) // 2], convs[-1]):
         G = p.grad.reshape(len(p), -1).double()  # (out, in 3 3)
         steps = {"gradient G": G, "AdamW's first step: sign(G)": G.sign(),
-                 "Muon's step: newton_schulz(G)": training.newton_schulz(G[None])[0]}
+                 "Muon's step: newton_schulz(G)": optimizers.newton_schulz(G[None])[0]}
         values = {k: torch.linalg.svdvals(M) for k, M in steps.items()}  # largest first
         layer = f"{names[id(p)]} ({G.shape[0]} x {G.shape[1]})"
         out[layer] = {k: (v / v[0]).tolist() for k, v in values.items()}
@@ -360,8 +363,9 @@ def self_conditioning_figure(module, diffusion, cfg, seed, path, n=8):
     shape = (n, cfg["channels"], cfg["image_size"], cfg["image_size"])
     xT = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(diffusion.betas.device)
     steps = min(50, diffusion.num_timesteps)
+    # the plain process calls the network without an estimate: zeros at every step
     blind = module.GaussianDiffusion(diffusion.model, diffusion.num_timesteps, diffusion.schedule,
-                                     diffusion.prediction, self_cond=False).to(diffusion.betas.device)
+                                     diffusion.prediction).to(diffusion.betas.device)
     rows = [d.ddim_sample(shape, steps=steps, noise=xT).cpu() for d in (diffusion, blind)]
     common.image_rows_figure(rows, ["own x0 fed back", "zeros instead"], path,
                              f"Self-conditioning: DDIM-{steps} from the same x_T, one network")
@@ -406,7 +410,7 @@ def main(args):
         ts, losses = loss_per_timestep(diffusion, x0, args.loss_points, args.seed)
         curves, labels = [losses], ["loss"]
         report["loss_per_timestep"] = dict(zip(map(str, ts), losses))
-        if diffusion.self_cond:  # the same loss when the network gets no estimate of x0
+        if isinstance(diffusion, mnist_module.SelfConditionedDiffusion):  # the same loss when the network gets no estimate of x0
             _, blind = loss_per_timestep(diffusion, x0, args.loss_points, args.seed, p_self_cond=0.0)
             curves, labels = [losses, blind], ["with its own first guess of x0", "with zeros instead"]
             report["loss_per_timestep_without_estimate"] = dict(zip(map(str, ts), blind))
@@ -445,7 +449,7 @@ def main(args):
         eta_figure(diffusion, cfg, args.seed, out_dir / "ddim_eta.png")
         written += ["loss_per_timestep.png", "vlb_terms.png", "trajectory.png", "trajectory.gif",
                     "ddim_eta.png"]
-        if diffusion.self_cond:
+        if isinstance(diffusion, mnist_module.SelfConditionedDiffusion):
             self_conditioning_figure(module, diffusion, cfg, args.seed, out_dir / "self_conditioning.png")
             written.append("self_conditioning.png")
         steps = optimizer_steps(diffusion, x0, args.seed)

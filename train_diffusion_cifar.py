@@ -13,15 +13,15 @@ Many GPUs: torchrun --nproc_per_node=8 train_diffusion_cifar.py --recipe paper -
 """
 
 import argparse
-import sys
 
 import torch
 
 import common
 import diffusion_cifar
+import train_args
 import training
 
-RECIPES = {
+RECIPES = {  # the first one is the default
     "cpu": dict(preset="cpu", batch_size=64, lr=1e-3, warmup=200, ema_decay=0.9995,
                 schedule="cosine", prediction="v", t_power=2.0, lr_schedule="cosine",
                 epochs=50, patience=5, grad_clip=1.0),
@@ -32,24 +32,18 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
-    recipe = first.parse_known_args(argv)[0].recipe
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
-                   help="the settings every other default below comes from (--help --recipe "
-                        "paper shows the paper's)")
+    p.add_argument("--recipe", choices=list(RECIPES), default="cpu",
+                   help="the settings every other default comes from (--help --recipe paper "
+                        "shows the paper's). " + train_args.recipe_help(RECIPES))
     p.add_argument("--dataset", default="cifar10", help="cifar10, or a folder of images (RGB)")
     p.add_argument("--preset", choices=sorted(diffusion_cifar.PRESETS),
                    help="network size: ddpm is the paper's 35.7M network, cpu the CPU recipe's 1.5M")
     p.add_argument("--image-size", type=int, default=32, help="images are resized to this (folders)")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     p.add_argument("--no-flip", action="store_true", help="turn off random horizontal flips")
-    training.add_training_args(p, "cifar")
-    p.set_defaults(**RECIPES[recipe])
-    return p.parse_args(argv)
+    train_args.add_training_args(p, "cifar")
+    return train_args.parse(p, RECIPES, argv)
 
 
 def random_hflip(x):
@@ -59,13 +53,9 @@ def random_hflip(x):
 
 
 def main(args):
-    cli = args
-    args, ckpt = training.prepare_args(args, "cifar")
+    args, ckpt = train_args.prepare_args(args, "cifar")
     if ckpt is not None:
         model_config = ckpt["model_config"]
-        defaults = vars(parse_args([]))
-        training.note_ignored_architecture(ckpt, {k: getattr(cli, k) for k in ("image_size", "dropout")
-                                                  if getattr(cli, k) != defaults[k]})
     else:
         model_config = dict(diffusion_cifar.PRESETS[args.preset], image_size=args.image_size)
         model_config["channel_mult"] = list(model_config["channel_mult"])

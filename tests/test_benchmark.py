@@ -6,16 +6,31 @@ import pytest
 
 import benchmark
 import diffusion
-import training
+import optimizers
 
 
 def muon_flops():
     """FLOPs of one Muon step on the default MNIST network, in closed form: five Newton-Schulz
     iterations, each X X^T (2 m^2 n FLOPs), A A (2 m^3) and (b A + c A A) X (2 m^2 n) per
     m x n matrix, m <= n."""
-    matrices = training.muon_param_groups(diffusion.DiffusionModel(self_cond=True))[0]["params"]
+    matrices = optimizers.muon_param_groups(diffusion.DiffusionModel(self_cond=True))[0]["params"]
     shapes = [sorted((len(w), w[0].numel())) for w in matrices]
     return sum(5 * (4 * m * m * n + 2 * m ** 3) for m, n in shapes)
+
+
+def forward_flops_by_hand():
+    import torch
+    model, flops = diffusion.DiffusionModel(self_cond=True), []
+
+    def hook(m, inputs, out):
+        k = m.kernel_size[0] * m.kernel_size[1] if isinstance(m, torch.nn.Conv2d) else 1
+        flops.append(2 * out[0].numel() * m.weight.shape[1] * k)  # one image: out[0]
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long))
+    return sum(flops)
 
 
 def test_benchmark_reports_every_row(tmp_path):
@@ -26,15 +41,17 @@ def test_benchmark_reports_every_row(tmp_path):
     assert tasks == ["train", "forward", "ddim-10", "ddim-50", "ddpm-1000 (timed 2 steps)"]
     assert all(r["images_per_s"] > 0 for r in out["rows"])
     train = out["rows"][0]
-    assert train["params_m"] == 0.56 and train["peak_mem_mb"] > 0 and train["batch"] == 4
+    n_params = sum(p.numel() for p in diffusion.DiffusionModel(self_cond=True).parameters())
+    assert train["params_m"] == round(n_params / 1e6, 2) and train["peak_mem_mb"] > 0 and train["batch"] == 4
     env = out["env"]
     assert set(env) >= {"torch", "threads", "device"} and env["matmul_peak_gflops"] > 0
     # the peak is the faster of one large matmul (BLAS) and one large convolution (oneDNN)
     assert env["conv_peak_gflops"] > 0 and env["peak_gflops"] == max(env["matmul_peak_gflops"],
                                                                      env["conv_peak_gflops"])
-    for r in out["rows"][:2]:  # train and forward: achieved GFLOP/s = FLOPs per image x images/s
-        assert r["gflops"] == pytest.approx(r["gflop_per_image"] * r["images_per_s"])
-        assert r["percent_of_peak"] == pytest.approx(100 * r["gflops"] / env["peak_gflops"])
+    # a forward pass's FLOPs, counted by hand: 2 per multiply-add of every conv and linear
+    # layer at its output size (torch's counter does not see the fused attention kernel on the
+    # CPU: its 0.6 MFLOPs, 0.7% of the pass, are left out of the benchmark's figures)
+    assert out["rows"][1]["gflop_per_image"] == pytest.approx(forward_flops_by_hand() / 1e9, rel=1e-6)
     # a training step costs about three forward passes (backward ~ 2x forward), four when
     # self-conditioning makes its first call (on half the steps), plus the default optimizer's
     # work, which does not grow with the batch (muon_flops)

@@ -65,7 +65,9 @@ def test_modules_have_the_same_public_names_in_the_same_order():
     def public(m):
         return [n for n in vars(m) if not n.startswith("_") and callable(getattr(m, n))
                 and getattr(getattr(m, n), "__module__", None) == m.__name__]
-    assert public(diffusion) == public(diffusion_cifar)
+    # the MNIST module adds section 7, the fast recipe's improvements, after the shared names
+    mnist_only = ["SelfConditionedDiffusion", "posterior_weights", "stable_targets"]
+    assert public(diffusion) == public(diffusion_cifar) + mnist_only
     assert diffusion.NULL_CLASS == diffusion_cifar.NULL_CLASS
     assert diffusion.PREDICTIONS == diffusion_cifar.PREDICTIONS
 

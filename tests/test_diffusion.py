@@ -424,15 +424,27 @@ def test_classifier_free_guidance_combines_outputs(D):
     assert len(calls) == 1 + 4  # still one network call per step
 
 
-def test_loss_drops_labels_to_null_class(D):
-    d = make(D, timesteps=10)
-    seen = []
-    d.model = lambda x, t, y: (seen.append(y), torch.zeros_like(x))[1]
-    torch.manual_seed(0)
-    d.loss(torch.zeros(4000, 1, 1, 1), y=torch.full((4000,), 3), p_uncond=0.25)
-    dropped = (seen[0] == D.NULL_CLASS).float().mean().item()
-    assert dropped == pytest.approx(0.25, abs=0.03)
-    assert set(seen[0].tolist()) == {3, D.NULL_CLASS}
+def test_drop_labels_replaces_a_share_p_uncond_by_the_null_class(D):
+    g = torch.Generator().manual_seed(0)
+    y = D.drop_labels(torch.full((4000,), 3), 0.25, g)
+    assert (y == D.NULL_CLASS).float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert set(y.tolist()) == {3, D.NULL_CLASS}
+    assert D.drop_labels(None, 0.5) is None and torch.equal(D.drop_labels(y, 0.0), y)
+
+
+def test_loss_is_algorithm_1_written_out(D):
+    """L_simple by hand: x_t from Eq. 4, then the mean square of (target - network output),
+    for a network that is a fixed affine map of x_t, so the output is known exactly."""
+    for prediction in ("eps", "v"):
+        d = make(D, 100, "cosine", prediction)
+        d.model = lambda x, t, y=None: 0.3 * x + 0.01 * t.view(-1, 1, 1, 1)
+        x0, t = x_star((3, 1, 4, 4)), torch.tensor([0, 50, 99])
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+        abar = torch.tensor(np.cumprod(1 - D.cosine_beta_schedule(100)))[t].view(-1, 1, 1, 1).float()
+        xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        target = noise if prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        out = 0.3 * xt + 0.01 * t.view(-1, 1, 1, 1)
+        assert d.loss(x0, t=t, noise=noise).item() == pytest.approx(((target - out) ** 2).mean().item(), rel=1e-5)
 
 
 # -- self-conditioning (MNIST module) ---------------------------------------------------------
@@ -456,11 +468,10 @@ class SelfConditionedGaussian(GaussianDenoiser):
 def test_samplers_feed_a_self_conditioned_network_the_last_x0(sampler):
     """Chen et al. 2022, Alg. 2: step i sees the x0 that step i - 1 predicted (clipped to
     [-1, 1]), the first step sees none; the sampler's own update is unchanged."""
-    d = diffusion.GaussianDiffusion(None, 100, "cosine", "v")
+    d = diffusion.SelfConditionedDiffusion(None, 100, "cosine", "v")
     net = SelfConditionedGaussian(d, 0.1, 2.0, "v")  # data spread wider than [-1, 1]
-    d.model, d.self_cond = net, True
+    d.model = net
     plain = diffusion.GaussianDiffusion(GaussianDenoiser(d, 0.1, 2.0, "v"), 100, "cosine", "v")
-    assert not plain.self_cond  # read off the network, which has no self_cond
     noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     kw = dict(noise=noise, clip_x0=False, generator=torch.Generator().manual_seed(1))
     kw_plain = dict(kw, generator=torch.Generator().manual_seed(1))
@@ -478,8 +489,11 @@ def test_samplers_feed_a_self_conditioned_network_the_last_x0(sampler):
     assert traj["x0_pred"].abs().max() > 1  # so the clip below is tested
     for i in range(1, len(net.seen)):
         assert torch.equal(net.seen[i], traj["x0_pred"][i - 1].clamp(-1, 1))
+    assert d.x0_prev is None and not d.in_chain  # a chain forgets its estimate at the end
     # with guidance both halves of the batched call see the same estimate
-    d.guided_output(noise, 5, torch.tensor([1, 2, 3]), guidance=2.0, x0_self=noise)
+    with d._chain():
+        d.x0_prev = noise
+        d.guided_output(noise, 5, torch.tensor([1, 2, 3]), guidance=2.0)
     assert torch.equal(net.seen[-1], torch.cat([noise, noise]).clamp(-1, 1))
 
 
@@ -489,8 +503,6 @@ def test_self_conditioning_loss_trains_only_the_second_call():
     calls = []
 
     class Net(torch.nn.Module):
-        self_cond = True
-
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.tensor(0.7))
@@ -500,11 +512,11 @@ def test_self_conditioning_loss_trains_only_the_second_call():
             return self.w * x + (0 if x0_self is None else 0.5 * x0_self)
 
     net = Net()
-    d = diffusion.GaussianDiffusion(net, 100, "cosine", "v")
+    d = diffusion.SelfConditionedDiffusion(net, 100, "cosine", "v", p_self_cond=1.0)
     x0 = x_star((4, 1, 3, 3))
     t = torch.tensor([99, 70, 30, 5])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)) * 2
-    loss = d.loss(x0, t=t, noise=noise, p_self_cond=1.0)
+    loss = d.loss(x0, t=t, noise=noise)
     loss.backward()
     # the same by hand: x_t, the first guess of x0 from v, its clip, the second call's v
     a = d.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -520,14 +532,22 @@ def test_self_conditioning_loss_trains_only_the_second_call():
     # the gradient reaches w through the second call only (d pred / d w = x_t)
     assert net.w.grad.item() == pytest.approx((2 * (pred - target) * xt).mean().item(), rel=1e-4)
     calls.clear()
-    d.loss(x0, t=t, noise=noise, p_self_cond=0.0)
+    d.p_self_cond = 0.0
+    d.loss(x0, t=t, noise=noise)
     assert len(calls) == 1 and calls[0][0] is None
-    # by default half the batches take the two calls
+    # p 0.5: half the batches take the two calls, the coins drawn from the process's generator
+    d.p_self_cond, d.generator = 0.5, torch.Generator().manual_seed(0)
     calls.clear()
-    torch.manual_seed(0)
     for _ in range(400):
         d.loss(x0, t=t, noise=noise)
     assert (len(calls) - 400) / 400 == pytest.approx(0.5, abs=0.08)
+    first = len(calls)
+    d.generator.manual_seed(0)
+    calls.clear()
+    state = torch.get_rng_state()
+    for _ in range(400):
+        d.loss(x0, t=t, noise=noise)
+    assert len(calls) == first and torch.equal(torch.get_rng_state(), state)  # the global stream untouched
 
 
 # -- stable targets (MNIST module) ---------------------------------------------------------------
@@ -553,35 +573,36 @@ def zero_net_diffusion(prediction="v"):
     return diffusion.GaussianDiffusion(lambda x, t, y=None: torch.zeros_like(x), 100, "cosine", prediction)
 
 
-def test_posterior_mean_x0_is_bayes_rule_over_the_pool():
+def test_stable_targets_are_bayes_rule_over_the_pool_and_keep_x_t():
     d = zero_net_diffusion()
     g = torch.Generator().manual_seed(0)
     pool = torch.rand(6, 1, 3, 3, generator=g) * 2 - 1
     t = torch.tensor([0, 20, 50, 70, 85, 99])
-    xt = d.q_sample(pool[[0, 1, 2, 0, 3, 5]], t, torch.randn(6, 1, 3, 3, generator=g))
-    got = d.posterior_mean_x0(xt, t, pool)
-    assert torch.allclose(got, bayes_x0(d, xt, t, pool), atol=1e-5)
-    assert torch.allclose(got[0], pool[0], atol=1e-6)  # t = 0: x_t points at its own image
+    x0, noise = pool[[0, 1, 2, 0, 3, 5]], torch.randn(6, 1, 3, 3, generator=g)
+    xt = d.q_sample(x0, t, noise)
+    x0_target, noise_target = diffusion.stable_targets(d, x0, t, noise, pool)
+    assert torch.allclose(x0_target, bayes_x0(d, xt, t, pool), atol=1e-5)
+    assert torch.allclose(d.q_sample(x0_target, t, noise_target), xt, atol=1e-5)  # the same x_t
+    assert torch.allclose(x0_target[0], pool[0], atol=1e-6)  # t = 0: x_t points at its own image
     # near pure noise the weights are almost even: the average image
-    assert torch.allclose(got[5], pool.mean(0), atol=0.02)
+    assert torch.allclose(x0_target[5], pool.mean(0), atol=0.02)
     # a mask leaves only the allowed images
     allowed = torch.zeros(6, 6, dtype=torch.bool)
     allowed[:, 4:] = True
-    masked = d.posterior_mean_x0(xt, t, pool, allowed)
+    masked, _ = diffusion.stable_targets(d, x0, t, noise, pool, allowed)
     assert torch.allclose(masked, bayes_x0(d, xt, t, pool[4:]), atol=1e-5)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_stable_target_with_the_whole_data_set_is_the_exact_regression_target(prediction):
-    """Xu et al. 2023: with a data set of two images and the other one as the reference, the
-    target is built from the exact E[x0 | x_t]: the same for every noise that gives the same
-    x_t, so it has less variance than the usual target, and it agrees with it where x_t fits
-    its own image (small t) and in expectation."""
+    """Xu et al. 2023: with a data set of two images, both in the pool, the target is built
+    from the exact E[x0 | x_t]: the same for every noise that gives the same x_t, so it has
+    less variance than the usual target, and it agrees with it where x_t fits its own image
+    (small t) and in expectation."""
     d = zero_net_diffusion(prediction)
     u, w = x_star((2, 1, 4, 4)).unbind(0)
     n = 2000
     x0 = torch.stack([u, w]).repeat(n // 2, 1, 1, 1)  # half u, half w
-    others = torch.stack([w, u]).repeat(n // 2, 1, 1, 1)  # each image's other image
     t = torch.full((n,), 80)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     xt = d.q_sample(x0, t, noise)
@@ -592,42 +613,40 @@ def test_stable_target_with_the_whole_data_set_is_the_exact_regression_target(pr
 
     # the exact E[x0 | x_t] for the two images, each with prior 1/2, and the target it gives
     x0_hat = bayes_x0(d, xt, t, torch.stack([u, w]))
-    eps_hat = (xt - a * x0_hat) / s
-    exact = target(x0_hat, eps_hat)
-    stable_loss = torch.stack([d.loss(x0[i:i + 1], t=t[i:i + 1], noise=noise[i:i + 1],
-                                      reference=others[i:i + 1]) for i in range(0, n, 100)])
-    assert torch.allclose(stable_loss, (exact[::100] ** 2).flatten(1).mean(1), rtol=1e-4, atol=1e-7)
+    exact = target(x0_hat, (xt - a * x0_hat) / s)
+    pool = torch.stack([u, w])
+    x0_target, noise_target = diffusion.stable_targets(d, x0, t, noise, pool)
+    stable_loss = torch.stack([d.loss(x0_target[i:i + 1], t=t[i:i + 1], noise=noise_target[i:i + 1])
+                               for i in range(0, n, 100)])
+    assert torch.allclose(stable_loss, (exact[::100] ** 2).flatten(1).mean(1), rtol=1e-3, atol=1e-6)
     usual = target(x0, noise)
     assert 0.01 < (x0_hat - x0).abs().mean() < 0.5  # t = 80: x_t does not pin down its image
     assert (exact - usual).mean(0).abs().max() < 0.05  # the target moved, by 0 on average
+    assert exact.var(0).mean() < usual.var(0).mean()  # ... and is less noisy
     # small t: the target is the usual one
     t5 = torch.full((4,), 5)
-    plain = d.loss(x0[:4], t=t5, noise=noise[:4])
-    assert d.loss(x0[:4], t=t5, noise=noise[:4], reference=others[:4]).item() == pytest.approx(plain.item(), rel=1e-5)
+    x0_5, noise_5 = diffusion.stable_targets(d, x0[:4], t5, noise[:4], pool)
+    assert d.loss(x0_5, t=t5, noise=noise_5).item() == \
+        pytest.approx(d.loss(x0[:4], t=t5, noise=noise[:4]).item(), rel=1e-4)
 
 
-def test_stable_target_of_a_conditional_model_weighs_its_own_class_only():
+def test_stable_target_of_a_conditional_model_weighs_its_own_class_only(monkeypatch):
     """An x_t labelled y can only have come from an image of class y; with its label dropped
-    (classifier-free guidance), from any image."""
+    (classifier-free guidance), from any image (Trainer.stable_targets builds the mask)."""
+    import types
+    import training
     seen = {}
-    d = diffusion.GaussianDiffusion(None, 100, "cosine", "v")
-    real_posterior = d.posterior_mean_x0
-
-    def spy(xt, t, pool, allowed=None):
-        seen["allowed"] = allowed
-        return real_posterior(xt, t, pool, allowed)
-    d.posterior_mean_x0 = spy
-    d.model = lambda x, t, y: torch.zeros_like(x)
-    x0 = x_star((2, 1, 2, 2))
-    reference = x_star((3, 1, 2, 2), seed=1)
-    d.loss(x0, y=torch.tensor([0, 1]), p_uncond=0.0, reference=reference,
-           reference_y=torch.tensor([1, 0, 1]))
+    monkeypatch.setattr(diffusion, "stable_targets",
+                        lambda d, x0, t, noise, pool, allowed=None: seen.update(allowed=allowed))
+    trainer = types.SimpleNamespace(module=diffusion, diffusion=None)
+    x0, reference = x_star((2, 1, 2, 2)), (x_star((3, 1, 2, 2), seed=1), torch.tensor([1, 0, 1]))
+    labels, t = torch.tensor([0, 1]), torch.tensor([50, 50])
+    training.Trainer.stable_targets(trainer, x0, labels, labels, t, x0, reference)
     # pool = (x0[0], x0[1], reference...): labels 0, 1, 1, 0, 1
     assert seen["allowed"].tolist() == [[True, False, False, True, False],
                                         [False, True, True, False, True]]
-    torch.manual_seed(0)
-    d.loss(x0, y=torch.tensor([0, 1]), p_uncond=0.999, reference=reference,
-           reference_y=torch.tensor([1, 0, 1]))
+    dropped = torch.full((2,), diffusion.NULL_CLASS)
+    training.Trainer.stable_targets(trainer, x0, labels, dropped, t, x0, reference)
     assert seen["allowed"].all()
 
 
@@ -661,6 +680,7 @@ def test_unet_other_sizes_and_bad_size():
 
 
 def test_self_conditioned_unet_sees_its_estimate_as_extra_channels():
+    import common
     torch.manual_seed(0)
     m = diffusion.DiffusionModel(hidden_dims=(16, 32, 32), time_dim=32, self_cond=True).eval()
     assert m.init_conv.in_channels == 2 and m.config["self_cond"]
@@ -668,54 +688,28 @@ def test_self_conditioned_unet_sees_its_estimate_as_extra_channels():
     estimate = torch.rand(2, 1, 28, 28) * 2 - 1
     assert torch.equal(m(x, t), m(x, t, x0_self=torch.zeros_like(x)))  # None: "no estimate yet"
     assert not torch.allclose(m(x, t), m(x, t, x0_self=estimate))
-    assert diffusion.GaussianDiffusion(m).self_cond
-    assert not diffusion.GaussianDiffusion(diffusion.DiffusionModel(hidden_dims=(8, 16))).self_cond
-
-
-def test_patch_stem_is_an_exact_rearrangement_of_pixels():
-    """With patch_size 2 the U-Net sees each 2x2 block of pixels as 4 channels at half the
-    resolution, and its 4-channel output is put back the same way (checked by index)."""
-    torch.manual_seed(0)
-    m = diffusion.DiffusionModel(hidden_dims=(16, 32), time_dim=16, patch_size=2).eval()
-    seen = {}
-    m.init_conv.register_forward_hook(lambda mod, inp, out: seen.update(stem_in=inp[0]))
-    m.out.register_forward_hook(lambda mod, inp, out: seen.update(unet_out=out))
-    x = torch.randn(2, 1, 28, 28)
-    out = m(x, torch.tensor([5, 900]))
-    assert seen["stem_in"].shape == (2, 4, 14, 14) and out.shape == x.shape
-    for a in range(2):
-        for b in range(2):  # channel 2a + b holds the pixels at rows 2i + a, columns 2j + b
-            assert torch.equal(seen["stem_in"][:, 2 * a + b], x[:, 0, a::2, b::2])
-            assert torch.equal(out[:, 0, a::2, b::2], seen["unet_out"][:, 2 * a + b])
-    with pytest.raises(ValueError, match="patch size 2"):
-        diffusion.DiffusionModel(hidden_dims=(16, 32, 64), patch_size=2)  # 28 / 2 / 4 is not whole
-    with pytest.raises(ValueError, match="patch_size must be at least 1"):
-        diffusion.DiffusionModel(patch_size=0)  # e.g. a damaged checkpoint config
-    with pytest.raises(ValueError, match="norm_group_size must be at least 1"):
-        diffusion.DiffusionModel(norm_group_size=0)  # the same
+    # a checkpoint's config picks the process that feeds the estimate
+    args = (1000, "cosine", "v")
+    assert isinstance(common.make_diffusion(diffusion, m, m.config, *args), diffusion.SelfConditionedDiffusion)
+    plain = diffusion.DiffusionModel(hidden_dims=(8, 16))
+    assert type(common.make_diffusion(diffusion, plain, plain.config, *args)) is diffusion.GaussianDiffusion
 
 
 def test_default_model_has_expected_layout():
     D = diffusion  # the MNIST U-Net; tests/test_cifar.py covers the CIFAR one
     m = D.DiffusionModel()
     assert m.config == dict(image_size=28, channels=1, hidden_dims=[16, 32, 64], time_dim=128,
-                            num_classes=None, adaptive_norm=True, patch_size=1, self_cond=False,
-                            norm_group_size=8)
+                            num_classes=None, self_cond=False)
     # every GroupNorm normalizes groups of 8 channels: 2 groups at 16 channels, 8 at 64
     assert [m.downs[k].res.norm2.num_groups for k in range(3)] == [2, 4, 8]
     assert m.out[0].num_groups == 2 and m.bottleneck.attn.norm.num_groups == 8
     assert D.DiffusionModel(hidden_dims=(4, 8)).downs[0].res.norm1.num_groups == 1
-    assert D.DiffusionModel(norm_group_size=None).downs[0].res.norm1.num_groups == 8  # before
-    # adaptive norm: the time embedding gives a scale and a shift per channel; without it
-    # (checkpoints of the first version) only a shift, added before the norm
+    # adaptive norm: the time embedding gives a scale and a shift per channel
     assert m.downs[0].res.time_proj[1].out_features == 2 * 16
-    old = D.DiffusionModel(hidden_dims=(32, 64, 128), adaptive_norm=False)  # the first version
-    assert old.downs[0].res.time_proj[1].out_features == 32
-    assert sum(p.numel() for p in old.parameters()) == 1_852_737  # the first version's count
     assert isinstance(m.bottleneck.attn, D.SelfAttention)
-    # rebuildable from its config alone
-    assert sum(p.numel() for p in D.DiffusionModel(**m.config).parameters()) == \
-        sum(p.numel() for p in m.parameters())
+    # rebuildable from its config alone: the same tensors, name by name
+    rebuilt = D.DiffusionModel(**m.config).state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in m.state_dict().items()}
 
 
 def test_ema_warmup_and_average(D):
@@ -759,13 +753,10 @@ def test_ema_warmup_is_a_power_function_average(D, power):
     for f in (0.1, 1 / 3):
         share = sum(W[k] for k in range(n + 1) if k > (1 - f) * n)
         assert share == pytest.approx(1 - (1 - f) ** (g + 1), abs=0.01)
-    # saved and restored with its power; a state saved before the power existed means 8
+    # saved and restored with its power
     ema2 = D.EMA(m, decay=0.5, power=1.0)
     ema2.load_state_dict(ema.state_dict())
     assert ema2.power == power
-    old = {k: v for k, v in ema.state_dict().items() if k != "power"}
-    ema2.load_state_dict(old)
-    assert ema2.power == 8.0
 
 
 def test_training_cuts_the_loss():

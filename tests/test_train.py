@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import common
+import optimizers
 import training
 import diffusion
 import diffusion_cifar
@@ -59,52 +60,33 @@ def test_end_to_end_writes_every_output(mnist_dir):
     assert ckpt["ema"]["power"] == 8.0 and ckpt["args"]["ema_power"] == 8.0  # the default
 
 
-def test_checkpoints_from_before_v_and_adaptive_norm_resume_and_sample(mnist_dir):
-    """A checkpoint of the first version (no --prediction, no adaptive_norm) holds an eps model
-    whose time embedding is added and 8 groups in every norm: it still samples and resumes as
-    one, and computes what it computed."""
-    run(mnist_dir, "--max-steps", "2", "--prediction", "eps", "--ema-power", "3")
-    last = mnist_dir / "out" / "last.pt"
-    ckpt = torch.load(last, weights_only=True)
-    assert ckpt["ema"]["power"] == 3.0  # --ema-power reaches the EMA
-    del ckpt["args"]["prediction"], ckpt["diffusion"]["prediction"], ckpt["model_config"]["adaptive_norm"]
-    del ckpt["args"]["self_cond"], ckpt["model_config"]["self_cond"]  # nor self-conditioning
-    del ckpt["model_config"]["norm_group_size"]  # nor groups of 8 channels
-    del ckpt["args"]["optimizer"], ckpt["args"]["reference_size"]  # AdamW, the usual targets
-    del ckpt["args"]["ema_power"], ckpt["ema"]["power"]  # the EMA's (1 + n) / (10 + n)
-    old = diffusion.DiffusionModel(**ckpt["model_config"], adaptive_norm=False, norm_group_size=None)
-    assert old.downs[0].res.norm1.num_groups == 8  # 16 channels: 8 groups of 2
-    opt = torch.optim.AdamW(old.parameters())
-    old(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)).sum().backward()
-    opt.step()
-    ckpt.update(model=old.state_dict(), optimizer=opt.state_dict())
-    ckpt["ema"]["shadow"] = {k: v.clone() for k, v in old.state_dict().items()}
-    torch.save(ckpt, last)
+def test_ddpm_recipe_is_the_papers_algorithm_and_flags_override_it(mnist_dir):
+    """--recipe ddpm: eps, uniform t, AdamW at a constant rate, the plain process and targets;
+    the checkpoint says so. Any flag overrides its recipe; --ema-power reaches the EMA."""
+    run(mnist_dir, "--max-steps", "2", "--recipe", "ddpm", "--ema-power", "3")
+    ckpt = torch.load(mnist_dir / "out" / "last.pt", weights_only=True)
+    a = ckpt["args"]
+    assert (a["recipe"], a["prediction"], a["t_power"], a["optimizer"], a["lr_schedule"]) == \
+        ("ddpm", "eps", 1.0, "adamw", "constant")
+    assert a["reference_size"] == 0 and ckpt["model_config"]["self_cond"] is False
+    assert ckpt["diffusion"] == {"timesteps": 50, "schedule": "cosine", "prediction": "eps"}
+    assert "exp_avg" in next(iter(ckpt["optimizer"]["state"].values()))  # AdamW's state
+    assert ckpt["ema"]["power"] == 3.0
+    _, diff, _ = common.model_from_checkpoint(ckpt, "cpu")
+    assert type(diff) is diffusion.GaussianDiffusion  # no self-conditioning
+    fast = train_diffusion.parse_args([])
+    assert (fast.recipe, fast.prediction, fast.optimizer, fast.self_cond, fast.reference_size) == \
+        ("fast", "v", "muon", True, 2048)
+    mixed = train_diffusion.parse_args(["--recipe", "ddpm", "--prediction", "v", "--self-cond"])
+    assert (mixed.prediction, mixed.self_cond, mixed.optimizer) == ("v", True, "adamw")
 
-    model, diff, _ = common.model_from_checkpoint(common.load_checkpoint(last, "mnist"), "cpu")
-    assert diff.prediction == "eps" and not model.config["adaptive_norm"]
-    assert not model.self_cond and not diff.self_cond and model.init_conv.in_channels == 1
-    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 40])
-    with torch.no_grad():
-        assert torch.equal(model(x, t), old.eval()(x, t))  # with 2 groups it would differ
-    args = train_diffusion.parse_args(["--resume", str(last), "--max-steps", "3", "--device", "cpu",
-                                       "--out-dir", str(mnist_dir / "out"),
-                                       "--data-dir", str(mnist_dir / "data")])
-    train_diffusion.main(args)
-    ckpt = torch.load(last, weights_only=True)
-    assert ckpt["state"]["step"] == 3 and ckpt["diffusion"]["prediction"] == "eps"
-    assert ckpt["args"]["optimizer"] == "adamw" and ckpt["args"]["reference_size"] == 0
-    assert ckpt["model_config"]["adaptive_norm"] is False
-    assert ckpt["model_config"]["self_cond"] is False
-    assert ckpt["model_config"]["norm_group_size"] is None
-    assert ckpt["ema"]["power"] == 8.0 and ckpt["ema"]["num_updates"] == 3
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_resume_continues_exactly(mnist_dir, optimizer):
     run(mnist_dir, "--epochs", "2", "--optimizer", optimizer, out="straight")
     run(mnist_dir, "--epochs", "2", "--max-steps", "5", "--optimizer", optimizer, out="split")  # one epoch
     split = mnist_dir / "split"
-    args = train_diffusion.parse_args(["--resume", str(split / "last.pt"), "--epochs", "2",
+    args = train_diffusion.parse_args(["--resume", str(split / "last.pt"), "--max-steps", "10",
                                        "--out-dir", str(split), "--device", "cpu",
                                        "--data-dir", str(mnist_dir / "data")])
     train_diffusion.main(args)
@@ -123,8 +105,8 @@ def test_budgets_stop_early_and_resume_mid_epoch(mnist_dir):
     assert state["step"] == 3 and state["epoch"] == 0 and state["batch_in_epoch"] == 3
     out = mnist_dir / "out"
     assert (out / "samples.png").is_file() and (out / "samples_epoch001.png").is_file()
-    args = train_diffusion.parse_args(["--resume", str(out / "last.pt"), "--epochs", "1",
-                                       "--out-dir", str(out), "--device", "cpu",
+    args = train_diffusion.parse_args(["--resume", str(out / "last.pt"), "--max-steps", "100",
+                                       "--epochs", "1", "--out-dir", str(out), "--device", "cpu",
                                        "--data-dir", str(mnist_dir / "data")])
     state = train_diffusion.main(args).state
     assert state["epoch"] == 1 and state["step"] == 5  # the epoch was finished, not restarted
@@ -267,16 +249,16 @@ def test_impossible_arguments(mnist_dir, extra, message):
 
 @pytest.mark.parametrize("class_cond", [False, True])
 def test_stable_targets_draw_references_from_the_training_split(mnist_dir, monkeypatch, class_cond):
-    """--reference-size N: every training step hands the loss N random training images (with
-    their labels for a conditional model), never a validation image; 0: none."""
+    """--reference-size N: every training step builds its targets from the batch and N random
+    training images (with their labels for a conditional model), never a validation image;
+    0: the plain targets."""
     seen = []
-    loss = diffusion.GaussianDiffusion.loss
+    real = training.Trainer.stable_targets
 
-    def spy(self, x0, y=None, **kw):
-        if kw.get("reference") is not None:
-            seen.append((kw["reference"], kw["reference_y"]))
-        return loss(self, x0, y, **kw)
-    monkeypatch.setattr(diffusion.GaussianDiffusion, "loss", spy)
+    def spy(self, x0, labels, y, t, noise, reference):
+        seen.append(reference)
+        return real(self, x0, labels, y, t, noise, reference)
+    monkeypatch.setattr(training.Trainer, "stable_targets", spy)
     extra = ["--class-cond"] if class_cond else []
     run(mnist_dir, "--max-steps", "3", "--reference-size", "40", *extra)
     assert len(seen) == 3
@@ -315,15 +297,12 @@ def test_corrupted_idx_file(tmp_path):
         run(tmp_path)
 
 
-def test_cosine_and_linear_learning_rate_schedules(mnist_dir):
+def test_cosine_and_constant_learning_rate_schedules(mnist_dir):
     # warmup of 1 step, then lr * (1 + cos(pi * step / total)) / 2 over one epoch of 5 steps
     run(mnist_dir, "--epochs", "1", "--warmup", "1", "--lr", "2e-3", "--lr-schedule", "cosine")
     with open(mnist_dir / "out" / "metrics.csv") as f:
         last_lr = float(list(csv.DictReader(f))[-1]["lr"])
     assert last_lr == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
-    run(mnist_dir, "--epochs", "1", "--warmup", "1", "--lr", "2e-3", "--lr-schedule", "linear", out="lin")
-    with open(mnist_dir / "lin" / "metrics.csv") as f:  # lr * (1 - step / total)
-        assert float(list(csv.DictReader(f))[-1]["lr"]) == pytest.approx(2e-3 * (1 - 4 / 5))
     run(mnist_dir, "--epochs", "1", "--warmup", "1", "--lr", "2e-3", "--lr-schedule", "constant", out="c")
     with open(mnist_dir / "c" / "metrics.csv") as f:
         assert float(list(csv.DictReader(f))[-1]["lr"]) == pytest.approx(2e-3)
@@ -342,32 +321,6 @@ def test_training_timesteps_have_density_proportional_to_t_to_the_power_minus_on
     ratio = counts[700:800].sum() / counts[200:300].sum()
     assert ratio.item() == pytest.approx((0.8 ** power - 0.7 ** power) / (0.3 ** power - 0.2 ** power), rel=0.05)
     assert counts[T - 1] > 0 and (power > 1 or counts[0] > 0)
-
-
-def test_lognormal_timesteps_follow_edm_noise_level_density():
-    # ln sigma_t of the drawn timesteps, sigma_t = sqrt((1 - abar_t) / abar_t), is N(P_mean, P_std^2)
-    torch.manual_seed(0)
-    abar = diffusion.GaussianDiffusion(None, 1000, "cosine").alphas_cumprod  # what training uses
-    t = training.lognormal_timesteps(200_000, abar, -1.2, 1.2, torch.device("cpu"))
-    assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
-    log_sigma = 0.5 * torch.log((1 - abar[t]) / abar[t])
-    assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.02)
-    assert log_sigma.std().item() == pytest.approx(1.2, abs=0.02)
-    # half the draws below the median noise level exp(-1.2): about t = 180 of 1000
-    median_t = int((0.5 * torch.log((1 - abar) / abar) < -1.2).sum())
-    assert (t < median_t).float().mean().item() == pytest.approx(0.5, abs=0.01)
-
-
-def test_old_checkpoints_resume_with_uniform_timesteps(mnist_dir):
-    run(mnist_dir, "--max-steps", "2")
-    last = mnist_dir / "out" / "last.pt"
-    ckpt = torch.load(last, weights_only=True)
-    assert ckpt["args"]["t_power"] == 2.0  # the MNIST default
-    del ckpt["args"]["t_power"]  # a checkpoint from before --t-power
-    torch.save(ckpt, last)
-    args = train_diffusion.parse_args(["--resume", str(last), "--device", "cpu"])
-    args, _ = training.prepare_args(args, "mnist")
-    assert args.t_power == 1.0
 
 
 def test_memory_format_is_nchw_only_for_cpu_bf16():
@@ -392,12 +345,11 @@ def test_progress_rows_at_doubling_steps_survive_a_resume(mnist_dir):
 
 
 def test_python_diffusion_prints_the_unet(capsys):
-    diffusion.describe(diffusion.DiffusionModel(self_cond=True))
+    model = diffusion.DiffusionModel(self_cond=True)
+    diffusion.describe(model)
     out = capsys.readouterr().out
     assert "downs[0]" in out and "(16, 14, 14)" in out and "bottleneck" in out and "(64, 7, 7)" in out
-    # the total parameter count of the default network: 557,697, plus 144 weights in the first
-    # conv for the self-conditioning input channel (16 filters x 3 x 3)
-    assert "557,841" in out
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in out.splitlines()[-1]  # the total
 
 
 def test_training_loss_is_logged_every_25_steps_and_survives_a_resume(mnist_dir):
@@ -428,13 +380,13 @@ def test_newton_schulz_keeps_the_singular_vectors_and_brings_the_values_near_one
     a, b, c = NS_COEFFICIENTS
     for _ in range(5):
         s = a * s + b * s ** 3 + c * s ** 5
-    O = training.newton_schulz(G)
+    O = optimizers.newton_schulz(G)
     assert torch.allclose(O, U @ torch.diag_embed(s) @ Vh, atol=1e-6)
     values = torch.linalg.svdvals(O)
     assert (S >= 0.01 * torch.linalg.matrix_norm(G)[:, None]).all()
     assert values.min() > 0.68 and values.max() < 1.14  # the docstring's range
     # a tall batch is orthogonalized as its transpose
-    assert torch.allclose(training.newton_schulz(G.mT), O.mT, atol=1e-12)
+    assert torch.allclose(optimizers.newton_schulz(G.mT), O.mT, atol=1e-12)
 
 
 def test_muon_step_is_the_orthogonalized_nesterov_momentum_with_rms_0_2():
@@ -443,7 +395,7 @@ def test_muon_step_is_the_orthogonalized_nesterov_momentum_with_rms_0_2():
     linear = torch.nn.Linear(4, 12)  # weight (12, 4): tall, orthogonalized as its transpose
     params = [conv.weight, linear.weight]
     lr, mu = 0.01, 0.9
-    opt = training.Muon([dict(params=params, matrix=True)], lr=lr, momentum=mu)
+    opt = optimizers.Muon([dict(params=params, matrix=True)], lr=lr, momentum=mu)
     g1, g2 = [torch.randn_like(p) for p in params], [torch.randn_like(p) for p in params]
     w0 = [p.detach().clone() for p in params]
     for p, g in zip(params, g1):
@@ -468,7 +420,7 @@ def test_muon_step_is_the_orthogonalized_nesterov_momentum_with_rms_0_2():
         momentum = mu * a + b  # M <- mu M + G
         U = (b + mu * momentum).reshape(len(b), -1)  # Nesterov
         tall = U.shape[0] > U.shape[1]
-        O = training.newton_schulz((U.T if tall else U)[None])[0]
+        O = optimizers.newton_schulz((U.T if tall else U)[None])[0]
         expected = w - lr * 0.2 * max(U.shape) ** 0.5 * (O.T if tall else O).reshape(w.shape)
         assert torch.allclose(p.detach(), expected, atol=1e-6)
 
@@ -477,7 +429,7 @@ def test_muon_updates_the_other_parameters_exactly_as_torch_adamw():
     torch.manual_seed(0)
     ours = [torch.randn(5, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
-    opt = training.Muon([dict(params=ours)], lr=0.01, weight_decay=0.1)  # matrix=False: AdamW
+    opt = optimizers.Muon([dict(params=ours)], lr=0.01, weight_decay=0.1)  # matrix=False: AdamW
     ref = torch.optim.AdamW(theirs, lr=0.01, weight_decay=0.1)
     for _ in range(5):
         for p, q in zip(ours, theirs):
@@ -493,7 +445,7 @@ def test_muon_updates_the_other_parameters_exactly_as_torch_adamw():
 def test_muon_takes_the_hidden_weight_matrices_and_adamw_the_rest(kind):
     model = (diffusion.DiffusionModel(self_cond=True, num_classes=10) if kind == "mnist" else
              diffusion_cifar.DiffusionModel(base_channels=32, num_classes=10))
-    matrices, rest = training.muon_param_groups(model)
+    matrices, rest = optimizers.muon_param_groups(model)
     name = {id(p): n for n, p in model.named_parameters()}
     muon = {name[id(p)] for p in matrices["params"]}
     adamw = {name[id(p)] for p in rest["params"]}
