@@ -396,11 +396,13 @@ def check_weights_finite(ckpt, path):
                      f"that wrote it diverged or the file is damaged; use an earlier checkpoint")
 
 
-def make_diffusion(module, model, model_config, timesteps, schedule, prediction, p_self_cond=0.5):
+def make_diffusion(module, model, model_config, timesteps, schedule, prediction, p_self_cond=0.5,
+                   generator=None):
     """The process of a model module for `model`: its SelfConditionedDiffusion when the network
     is self-conditioned (model_config["self_cond"]), else the plain GaussianDiffusion."""
     if model_config.get("self_cond"):
-        return module.SelfConditionedDiffusion(model, timesteps, schedule, prediction, p_self_cond)
+        return module.SelfConditionedDiffusion(model, timesteps, schedule, prediction, p_self_cond,
+                                               generator)
     return module.GaussianDiffusion(model, timesteps, schedule, prediction)
 
 

@@ -46,9 +46,9 @@ def parse_args(argv=None):
     return train_args.parse(p, RECIPES, argv)
 
 
-def random_hflip(x):
+def random_hflip(x, generator=None):
     """Flip each image left-right with probability 1/2 (DDPM Appendix B)."""
-    flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator) < 0.5
     return torch.where(flip, x.flip(3), x)
 
 

@@ -25,14 +25,14 @@ from train_args import RUN_FILES, RUN_GLOBS, plain
 LOG_EVERY = 25  # steps between points of the smoothed training loss in loss_curve.png
 
 
-def training_timesteps(n, num_timesteps, power, device):
+def training_timesteps(n, num_timesteps, power, device, generator=None):
     """n training timesteps drawn with density p(t) about proportional to t^(power - 1).
 
     power = 1 is DDPM's uniform t. power = 2 samples t in proportion to t: three quarters of
     the batch falls in the noisier half of the process. In expectation this is the uniform-t
     loss weighted by T p(t); the best prediction at each t is unchanged.
     """
-    u = torch.rand(n, device=device)
+    u = torch.rand(n, device=device, generator=generator)
     return (num_timesteps * u ** (1.0 / power)).long().clamp_(max=num_timesteps - 1)
 
 
@@ -99,10 +99,13 @@ class Trainer:
         self.train_log = {}  # step -> training loss, smoothed, every LOG_EVERY steps
         self.smoothed_loss = None
         self.stop_requests = []  # filled by the Ctrl-C / SIGTERM handler that train() installs
+        # every random draw of a training step comes from this generator, which checkpoints
+        # save and restore; torch's global stream is left to dropout (saved too)
+        self.gen = torch.Generator(device=self.device).manual_seed(args.seed + self.rank)
         if ckpt is not None:
             self.restore(ckpt)
         else:
-            torch.manual_seed(args.seed + self.rank)  # a different noise stream on each rank
+            torch.manual_seed(args.seed + self.rank)  # a different dropout stream on each rank
 
         train_model = self.model
         if self.world > 1:
@@ -112,7 +115,7 @@ class Trainer:
         if args.compile:
             train_model = torch.compile(train_model)
         self.diffusion = common.make_diffusion(module, train_model, self.model_config, args.timesteps,
-                                               args.schedule, args.prediction).to(self.device)
+                                               args.schedule, args.prediction, generator=self.gen).to(self.device)
         self.setup_data(data)
         if self.main_proc and args.overwrite and not args.resume:  # every check has passed
             self.remove_old_run()
@@ -140,10 +143,16 @@ class Trainer:
         self.train_log = dict(ckpt.get("train_log", {}))
         self.smoothed_loss = ckpt.get("smoothed_loss")
         rngs = ckpt["rng"]
-        if len(rngs) == self.world and isinstance(rngs[self.rank], dict):
-            common.set_rng_state(rngs[self.rank])
-        else:
-            torch.manual_seed(self.args.seed + self.rank + 1000 * self.state["step"])
+        try:
+            if len(rngs) == self.world:  # the same number of processes: continue each stream
+                common.set_rng_state(rngs[self.rank])
+                self.gen.set_state(rngs[self.rank]["train"])
+            else:
+                torch.manual_seed(self.args.seed + self.rank + 1000 * self.state["step"])
+                self.gen.manual_seed(self.args.seed + self.rank + 1000 * self.state["step"])
+        except (KeyError, TypeError, RuntimeError, ValueError) as e:
+            fail(f"{self.args.resume} holds a damaged random-number state ({type(e).__name__}); "
+                 f"it can be sampled from, not resumed")
         metrics = self.out_dir / "metrics.csv"
         self.rows = [r for r in common.read_metrics(metrics) if r["step"] <= self.state["step"]]
         if self.main_proc:
@@ -213,14 +222,15 @@ class Trainer:
         x0 = common.to_model_range(self.images[idx.to(self.images.device)]).to(self.device)
         x0 = x0.contiguous(memory_format=self.layout)
         if self.augment is not None:
-            x0 = self.augment(x0)
+            x0 = self.augment(x0, self.gen)
         y = self.labels[idx].to(self.device) if self.labels is not None else None
         return x0, y
 
     def reference_set(self):
         """--reference-size random training images and their labels: the pool of stable
         targets (diffusion.stable_targets), beside the batch's own images."""
-        pick = torch.randint(len(self.train_idx), (self.reference_size,))
+        pick = torch.randint(len(self.train_idx), (self.reference_size,), generator=self.gen,
+                             device=self.gen.device).cpu()
         return self.images_at(self.train_idx[pick])
 
     def stable_targets(self, x0, labels, y, t, noise, reference):
@@ -286,11 +296,17 @@ class Trainer:
         return self.elapsed_before + time.time() - self.start
 
     def save(self, path):
-        """One checkpoint dict (see README): config, weights, EMA, optimizer, counters, RNG, args."""
-        rngs = [common.rng_state()]
+        """One checkpoint dict (see README): config, weights, EMA, optimizer, counters, RNG, args.
+        Weights that are not finite are never written: the run stops, the last good file stays."""
+        weights = list(self.model.state_dict().values()) + list(self.ema.shadow.values())
+        if not all(torch.isfinite(w).all() for w in weights if w.is_floating_point()):
+            fail(f"the weights are no longer finite at step {self.state['step']}: training "
+                 f"diverged and stopped. The last good checkpoint in {self.out_dir} was kept. "
+                 f"Try a lower --lr or a longer --warmup.")
+        rngs = [dict(common.rng_state(), train=self.gen.get_state())]
         if self.world > 1:
             rngs = [None] * self.world
-            dist.all_gather_object(rngs, common.rng_state())
+            dist.all_gather_object(rngs, dict(common.rng_state(), train=self.gen.get_state()))
         if self.main_proc:
             args = self.args
             common.save_checkpoint(
@@ -311,6 +327,10 @@ class Trainer:
         state, out_dir = self.state, self.out_dir
         self.model.eval()
         val = self.validation_loss()
+        if not math.isfinite(val):
+            fail(f"the validation loss became {val} at step {state['step']}: training diverged and "
+                 f"stopped. The last good checkpoint in {out_dir} was kept. Try a lower --lr or a "
+                 f"longer --warmup.")
         improved = state["best_val"] - val > self.args.min_delta
         if improved:
             state["best_val"], state["bad_epochs"] = val, 0
@@ -357,10 +377,11 @@ class Trainer:
         targets (--reference-size). Self-conditioning lives in the denoiser that self.diffusion
         calls (diffusion.SelfConditionedDiffusion); Muon in self.opt (optimizers.py)."""
         args = self.args
-        t = training_timesteps(len(x0), args.timesteps, args.t_power, self.device)  # line 3
+        t = training_timesteps(len(x0), args.timesteps, args.t_power, self.device, self.gen)  # line 3
         reference = self.reference_set() if self.reference_size else None
-        noise = torch.randn_like(x0)  # line 4: eps ~ N(0, I)
-        y = self.module.drop_labels(labels, args.p_uncond)  # classifier-free guidance
+        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)  # line 4: eps ~ N(0, I)
+        noise = noise.contiguous(memory_format=self.layout)
+        y = self.module.drop_labels(labels, args.p_uncond, self.gen)  # classifier-free guidance
         x0_target, noise_target = x0, noise
         if reference is not None:  # stable targets: the same x_t, a less noisy target
             x0_target, noise_target = self.stable_targets(x0, labels, y, t, noise, reference)

@@ -180,6 +180,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(mnist_dir, monkeypatc
     assert last.read_bytes() == before
 
 
+def test_a_diverged_run_never_replaces_the_good_checkpoint(mnist_dir):
+    """--lr 1e30: the loss may stay finite for a step while the weights blow up; neither
+    last.pt nor best.pt is then written, and the run stops with the message."""
+    run(mnist_dir, "--epochs", "1")
+    out = mnist_dir / "out"
+    before = {f: (out / f).read_bytes() for f in ("last.pt", "best.pt")}
+    with pytest.raises(SystemExit, match="diverged|loss became"):
+        train_diffusion.main(train_diffusion.parse_args(
+            ["--resume", str(out / "last.pt"), "--epochs", "3", "--lr", "1e30", "--warmup", "0",
+             "--optimizer", "muon", "--data-dir", str(mnist_dir / "data")]))
+    assert {f: (out / f).read_bytes() for f in before} == before
+    common.load_checkpoint(out / "last.pt", "mnist")  # still finite, still loads
+
+
 def test_ctrl_c_saves_last_and_exits(mnist_dir, monkeypatch):
     real_loss = diffusion.GaussianDiffusion.loss
     calls = []
