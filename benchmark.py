@@ -352,7 +352,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the network for the training rows")
     p.add_argument("--json", default=None, help="write the rows here as JSON")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=common.seed_arg, default=0, help="random seed")
     p.add_argument("--out-dir", default=None, help="also write benchmark.md and benchmark.json here")
     return p.parse_args(argv)
 
@@ -366,6 +366,11 @@ def main(args):
         args.models = args.models or ["mnist"]
     if min(args.batch_sizes + [args.train_batch, args.train_steps, args.repeats, args.ddpm_probe]) < 1:
         common.fail("batch sizes, --train-steps, --repeats and --ddpm-probe must be at least 1")
+    for name, value in [("train_batch", args.train_batch)] + [("batch_sizes", b) for b in args.batch_sizes]:
+        common.check_range(name, value, 1, common.LIMITS["batch_size"])
+    common.check_writable_file(args.json, "--json", (".json",))  # before minutes of timing
+    if args.out_dir:
+        common.check_writable_dir(args.out_dir)
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
            "amp": args.amp, "compile": args.compile,
@@ -403,4 +408,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run(main, parse_args)

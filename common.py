@@ -118,14 +118,78 @@ def check_writable_dir(path, what="--out-dir"):
     return path
 
 
-def check_writable_file(path, what):
-    """The folder of an output file must exist (it is created) and be writable."""
+def check_writable_file(path, what, suffixes=None, overwrite=False):
+    """An output file, checked before the work: not a folder, one of `suffixes` (e.g. (".png",)),
+    in a writable folder (created), and not a checkpoint that it would destroy unless
+    `overwrite`. Other files of its own kind (an earlier report) are simply replaced."""
     if path is None:
         return
     path = Path(path)
     if path.is_dir():
         fail(f"{what} {path} is a folder; give a file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        fail(f"{what} {path} must end in {' or '.join(suffixes)}")
+    if path.is_file() and not overwrite and is_checkpoint_file(path):
+        fail(f"{what} {path} holds a checkpoint, which this would replace; give another path, "
+             f"or pass --overwrite to replace it")
     check_writable_dir(path.parent, f"the folder of {what}")
+
+
+def is_checkpoint_file(path):
+    """True for a file that torch.save wrote (a zip archive holding data.pkl), whatever its name."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("data.pkl") for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+SEED_MAX = 2 ** 63 - 1  # torch.manual_seed takes a signed 64-bit integer
+
+
+def seed_arg(text):
+    """argparse type of --seed: an integer in [0, 2^63 - 1], with a one-line error otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed must be a whole number, got {text!r}")
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2^63 - 1], got {text}")
+    return value
+
+
+# Sizes a command line or a checkpoint may ask for: far above any real use of these models,
+# far below what would exhaust memory. Checked before anything is allocated.
+LIMITS = {"timesteps": 100_000, "image_size": 1024, "width": 1024, "levels": 8,
+          "time_dim": 4096, "num_classes": 100_000, "num_samples": 1_000_000,
+          "reference_size": 100_000, "batch_size": 65_536, "frames": 10_000, "points": 100_000}
+
+
+def check_range(name, value, low, high):
+    """A whole-number argument in [low, high], or one error line naming the flag."""
+    if value is None:
+        return
+    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+        fail(f"--{name.replace('_', '-')} must be a whole number in [{low:,}, {high:,}], got {value}")
+
+
+def check_images_finite(x, what="the sampler"):
+    """Samples with NaN or inf would become black images and meaningless scores: refuse them."""
+    if not torch.isfinite(x).all():
+        fail(f"{what} produced non-finite values (NaN or inf): the settings (--eta, --guidance) "
+             f"are out of the sampler's range, or the checkpoint's weights are broken")
+    return x
+
+
+def run(main, parse_args):
+    """A script's entry point: Ctrl-C anywhere (start-up, sampling, the last picture) ends in
+    one line and exit status 130, not a traceback."""
+    try:
+        main(parse_args())
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130)
 
 
 def seed_everything(seed):
@@ -297,7 +361,7 @@ def load_image_folder(path, image_size, channels):
                 im = to_8bit(im).convert("L" if channels == 1 else "RGB")
                 if im.size != (image_size, image_size):
                     im = im.resize((image_size, image_size), Image.BICUBIC)
-        except (OSError, UnidentifiedImageError) as e:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             fail(f"could not read image {p}: {e}")
         a = np.asarray(im, np.uint8)
         images[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)  # (C, H, W)
@@ -352,35 +416,91 @@ TRAIN_SCRIPTS = {"mnist": "train_diffusion.py", "cifar": "train_diffusion_cifar.
 
 
 def save_checkpoint(obj, path):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a
+    file. A full disk (or any write error) removes the temporary file and says so in one line."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        fail(f"could not write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]} "
+             f"(is the disk at {path.parent.resolve()} full?); {path} itself was not changed")
 
 
 def load_checkpoint(path, kind=None):
-    """Read a checkpoint safely; with `kind`, insist that it holds that model ('mnist', 'cifar')."""
+    """Read a checkpoint safely; with `kind`, insist that it holds that model ('mnist', 'cifar').
+    Its configuration is checked against LIMITS before any network is built from it."""
     path = Path(path)
+    if path.is_dir():
+        fail(f"checkpoint {path} is a folder; give the checkpoint file (e.g. {path / 'last.pt'})")
     if not path.is_file():
         fail(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            fail(f"{path} holds objects other than tensors and plain data; it was refused, "
+                 f"because loading it could run code")
+        fail(f"could not read checkpoint {path}: it is corrupted or not a checkpoint of this project")
     except Exception as e:
         fail(f"could not read checkpoint {path}: it is corrupted or not a checkpoint "
-             f"of this project ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+             f"of this project ({type(e).__name__})")
     needed = {"kind", "model_config", "diffusion", "model", "ema"}
     if not isinstance(ckpt, dict) or not needed <= ckpt.keys() or \
-            not all(isinstance(ckpt[k], dict) for k in ("model_config", "diffusion")):
+            not all(isinstance(ckpt[k], dict) for k in ("model_config", "diffusion", "model", "ema")):
         fail(f"{path} is not a checkpoint of this project (it lacks {sorted(needed)})")
-    if ckpt["kind"] not in MODEL_MODULES:
+    if not isinstance(ckpt["kind"], str) or ckpt["kind"] not in MODEL_MODULES:
         fail(f"{path} holds an unknown model kind {ckpt['kind']!r}")
+    if not isinstance(ckpt.get("args", {}), dict):
+        fail(f"{path} is damaged: its training arguments are not a dict")
+    check_config(ckpt, path)
     if kind is not None and ckpt["kind"] != kind:
         fail(f"{path} is a checkpoint of the {ckpt['kind']} model "
              f"({MODEL_MODULES[ckpt['kind']]}.py); use {TRAIN_SCRIPTS[ckpt['kind']]} with it, "
              f"not this script, which trains the {kind} model")
     check_weights_finite(ckpt, path)
     return ckpt
+
+
+def check_config(ckpt, path):
+    """What a checkpoint asks to build must be sane and bounded (LIMITS): a tampered file must
+    not allocate gigabytes, or fail deep inside torch."""
+    cfg, diff = ckpt["model_config"], ckpt["diffusion"]
+
+    def whole(value, low, high):
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    problems = []
+    if not whole(diff.get("timesteps"), 1, LIMITS["timesteps"]):
+        problems.append(f"timesteps {diff.get('timesteps')!r} (a whole number in [1, {LIMITS['timesteps']:,}])")
+    if diff.get("schedule") not in ("linear", "cosine"):
+        problems.append(f"schedule {diff.get('schedule')!r} (linear or cosine)")
+    if diff.get("prediction") not in ("eps", "v"):
+        problems.append(f"prediction {diff.get('prediction')!r} (eps or v)")
+    if not whole(cfg.get("image_size"), 4, LIMITS["image_size"]):
+        problems.append(f"image_size {cfg.get('image_size')!r}")
+    if not whole(cfg.get("channels"), 1, 4):
+        problems.append(f"channels {cfg.get('channels')!r}")
+    if cfg.get("num_classes") is not None and not whole(cfg["num_classes"], 1, LIMITS["num_classes"]):
+        problems.append(f"num_classes {cfg['num_classes']!r}")
+    if ckpt["kind"] == "mnist":
+        dims = cfg.get("hidden_dims")
+        if not (isinstance(dims, list) and 1 <= len(dims) <= LIMITS["levels"]
+                and all(whole(h, 1, LIMITS["width"]) for h in dims)):
+            problems.append(f"hidden_dims {dims!r} (1 to {LIMITS['levels']} widths, each at most {LIMITS['width']})")
+        if not whole(cfg.get("time_dim"), 2, LIMITS["time_dim"]):
+            problems.append(f"time_dim {cfg.get('time_dim')!r}")
+    else:
+        mult, base = cfg.get("channel_mult"), cfg.get("base_channels")
+        if not (whole(base, 1, LIMITS["width"]) and isinstance(mult, list) and 1 <= len(mult) <= LIMITS["levels"]
+                and all(whole(m, 1, LIMITS["width"] // base) for m in mult)):
+            problems.append(f"base_channels {base!r} x channel_mult {mult!r} (widths at most {LIMITS['width']})")
+        if not whole(cfg.get("num_res_blocks"), 1, 8):
+            problems.append(f"num_res_blocks {cfg.get('num_res_blocks')!r}")
+    if problems:
+        fail(f"{path} is damaged or not of this project: its configuration asks for " + "; ".join(problems))
 
 
 def check_weights_finite(ckpt, path):
@@ -451,13 +571,13 @@ def sample(diffusion, sampler, shape, steps=50, eta=0.0, y=None, guidance=1.0, g
     spacing: 'uniform' or 'logsnr' timesteps for ddim and dpm++; None keeps each one's default."""
     kw = dict(y=y, guidance=guidance, generator=generator, noise=noise, progress=progress)
     if sampler == "ddpm":
-        return diffusion.ddpm_sample(shape, **kw)
+        return check_images_finite(diffusion.ddpm_sample(shape, **kw))
     if spacing is not None:
         kw["spacing"] = spacing
     if sampler == "ddim":
-        return diffusion.ddim_sample(shape, steps=steps, eta=eta, **kw)
+        return check_images_finite(diffusion.ddim_sample(shape, steps=steps, eta=eta, **kw))
     if sampler == "dpm++":
-        return diffusion.dpm_solver_sample(shape, steps=steps, **kw)
+        return check_images_finite(diffusion.dpm_solver_sample(shape, steps=steps, **kw))
     raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
 
 
@@ -533,6 +653,9 @@ def plot_loss_curve(rows, path, prediction="eps", train_log=None, stable_targets
             label="validation (EMA weights, fixed t and noise)")
     ax.set_xlabel("step")
     ax.set_ylabel(f"MSE of the predicted {'noise eps' if prediction == 'eps' else 'velocity v'}")
+    if stable_targets:  # the two curves measure different targets: say so where the eye falls
+        ax.set_title("Training loss against stable targets, validation against the usual target:\n"
+                     "the stable target is less noisy, so the gap is not overfitting", fontsize=9)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="./data", help=common.DATA_DIR_HELP)
     p.add_argument("--save-npz", action="store_true", help="save each setting's samples as .npz")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=common.seed_arg, default=0, help="random seed")
     p.add_argument("--out-dir", default="runs/ddim_compare", help="where the figures, results.csv and results.json go")
     return p.parse_args(argv)
 
@@ -119,12 +119,15 @@ def main(args):
     if args.distance_samples < 0:
         common.fail(f"--distance-samples must be >= 0, got {args.distance_samples}")
     common.check_finite(eta=args.eta, guidance=args.guidance)
-    if any(e < 0 for e in args.eta):
-        common.fail("--eta values must be >= 0")
+    if any(not 0 <= e <= 1 for e in args.eta):
+        common.fail(f"--eta values must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {args.eta}")
+    common.check_range("num_samples", args.num_samples, 2, common.LIMITS["num_samples"])
     num_classes = cfg.get("num_classes")
-    if args.class_id is not None and not (num_classes and 0 <= args.class_id < num_classes):
-        common.fail(f"--class needs a conditional checkpoint and a class in [0, {num_classes or 0})")
-    dataset = ckpt["args"].get("dataset", "mnist")
+    if args.class_id is not None and not num_classes:
+        common.fail("--class needs a class-conditional checkpoint (trained with --class-cond); this one is not")
+    if args.class_id is not None and not 0 <= args.class_id < num_classes:
+        common.fail(f"--class must be in [0, {num_classes}) for this checkpoint, got {args.class_id}")
+    dataset = ckpt.get("args", {}).get("dataset", "mnist")
     if not args.no_fid and dataset not in evaluate.SHAPES:
         common.fail(f"FID needs a reference data set; this checkpoint was trained on {dataset!r}. "
                     f"Use --no-fid.")
@@ -138,7 +141,7 @@ def main(args):
     if num_classes:
         y = (torch.full((shape[0],), args.class_id) if args.class_id is not None
              else torch.arange(shape[0]) % num_classes).to(device)
-    guidance = ckpt["args"].get("guidance", 1.0) if args.guidance is None else args.guidance
+    guidance = ckpt.get("args", {}).get("guidance", 1.0) if args.guidance is None else args.guidance
 
     def run(sampler, steps, eta):
         start = time.perf_counter()
@@ -214,4 +217,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run(main, parse_args)

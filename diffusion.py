@@ -19,7 +19,36 @@ Conventions
 
 Sections: 1. time embedding, 2. U-Net blocks, 3. U-Net, 4. EMA, 5. schedules,
 6. the Gaussian diffusion process (forward, posterior, loss, and the DDPM, DDIM and
-DPM-Solver++ samplers).
+DPM-Solver++ samplers), 7. the fast recipe's improvements beside it (self-conditioning,
+stable targets). Section 6 is the same in diffusion_cifar.py, number for number.
+
+The derivation, in the code's names (abar_t = alpha-bar_t = prod_{s <= t} (1 - beta_s))
+1. Forward process. One step adds a little noise: q(x_t | x_{t-1}) = N(sqrt(1 - beta_t)
+   x_{t-1}, beta_t I). Gaussians compose, so T steps collapse into one draw (DDPM Eq. 4):
+       x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   eps ~ N(0, I)        q_sample
+   Training never runs the chain: it picks a t and jumps there.
+2. Reverse step. Given x0, Bayes' rule on two Gaussians gives q(x_{t-1} | x_t, x0) =
+   N(mu~, beta~ I) with (Eq. 6-7)
+       mu~ = beta_t sqrt(abar_{t-1}) / (1 - abar_t) x0 + (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t) x_t
+       beta~ = beta_t (1 - abar_{t-1}) / (1 - abar_t)                        q_posterior
+   The model only has to guess x0, or equivalently the noise, since Eq. 4 solved for x0 is
+       x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)                     (Eq. 15)
+   Sampling (Alg. 2) repeats: predict x0 from x_t, draw x_{t-1} from the posterior.  ddpm_step
+3. The bound becomes a regression. The variational bound (Eq. 5) is a sum of KL terms between
+   Gaussians of fixed variance, each a squared distance between means; through Eq. 15 each is
+   w_t ||eps - eps_theta(x_t, t)||^2. DDPM drops w_t (Eq. 14, L_simple): the target has unit
+   variance at every t, one well-scaled regression for all t.                loss
+   v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 keeps unit variance too, and gives
+   x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v with no division by sqrt(abar_t) (Salimans & Ho).
+4. DDIM. The loss only sees the marginals q(x_t | x0), and many processes share them. DDIM
+   indexes them by sigma_t (Eq. 12 and 16):
+       x_prev = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma_t^2) eps_pred + sigma_t z
+       sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)  ddim_step
+   eta = 1 is DDPM's posterior noise, eta = 0 a deterministic map, which may also skip steps.
+5. DDIM with eta = 0 is an Euler step of the probability-flow ODE; DPM-Solver++(2M) solves the
+   same ODE to second order at the same number of network calls.             dpm_solver_step
+6. Classifier-free guidance. One network learns p(x | y) and p(x) (labels dropped at random,
+   drop_labels); sampling uses eps = eps_uncond + w (eps_cond - eps_uncond).   guided_output
 """
 
 import contextlib

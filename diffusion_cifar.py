@@ -7,8 +7,9 @@ and, for the cosine schedule, Nichol & Dhariwal 2021, arXiv:2102.09672; for the
 second-order sampler, Lu et al. 2022, "DPM-Solver++", arXiv:2211.01095.
 
 It has the same public names, section order and process API as diffusion.py (the MNIST
-model); only the U-Net differs. PRESETS["ddpm"] is the DDPM paper's CIFAR-10 network
-(Appendix B: 35.7M parameters). tests/test_cifar.py keeps the shared math identical.
+model), whose docstring derives the math; only the U-Net differs, and the MNIST module's
+section 7 (self-conditioning, stable targets: MNIST's fast recipe) has no twin here.
+PRESETS["ddpm"] is the DDPM paper's CIFAR-10 network (Appendix B: 35.7M parameters). tests/test_cifar.py keeps the shared math identical.
 
 Conventions
 - Images live in [-1, 1], shaped (B, C, H, W).

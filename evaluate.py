@@ -196,6 +196,10 @@ def train_classifier(args):
         opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=recipe["weight_decay"])
     x_all = uint8_nhwc_to_model(train_x)
     y_all = torch.from_numpy(train_y)
+    for split, labels in (("training", train_y), ("test", test_y)):
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < 10):
+            common.fail(f"the {split} labels run from {int(labels.min())} to {int(labels.max())}; "
+                        f"the classifier has 10 classes (0 to 9)")
     steps = epochs * math.ceil(len(x_all) / batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     bar = tqdm(total=steps, desc=f"classifier ({args.dataset}, {epochs} epochs)")
@@ -290,7 +294,7 @@ def load_png_folder(path, channels):
         try:
             with Image.open(f) as im:
                 a = np.asarray(im.convert("L" if channels == 1 else "RGB"), np.uint8)
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:
             common.fail(f"could not read {f}: {e}")
         out.append(a[..., None] if channels == 1 else a)
     if len({a.shape for a in out}) != 1:
@@ -312,7 +316,7 @@ def sample_from_checkpoint(ckpt, num_samples, sampler, steps, batch_size, device
     cfg = ckpt["model_config"]
     shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
     num_classes = cfg.get("num_classes")
-    guidance = ckpt["args"].get("guidance", 1.0) if guidance is None else guidance
+    guidance = ckpt.get("args", {}).get("guidance", 1.0) if guidance is None else guidance
     g = torch.Generator().manual_seed(seed)
     steps = diffusion.num_timesteps if sampler == "ddpm" else steps  # DDPM always takes all T
     images, labels = [], []
@@ -529,8 +533,9 @@ def parse_args(argv=None):
                        help="images per step (default 128 for MNIST-like data, 256 for CIFAR-10); "
                             "the learning rate scales with it")
         p.add_argument("--out", default=None, help="default runs/classifiers/<dataset>.pt")
+        p.add_argument("--overwrite", action="store_true", help="replace the file at --out")
         p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-        p.add_argument("--seed", type=int, default=0, help="random seed")
+        p.add_argument("--seed", type=common.seed_arg, default=0, help="random seed")
         args = p.parse_args(argv[1:])
         args.command = "train-classifier"
         return args
@@ -565,8 +570,10 @@ def parse_args(argv=None):
                    help="also save a PNG of the 32 samples the classifier is least sure of, each "
                         "with its class and probability (needs the classifier's features)")
     p.add_argument("--json", default=None, help="write the report here as JSON")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let an output path replace a checkpoint that is there (refused by default)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=common.seed_arg, default=0, help="random seed")
     p.add_argument("--out-dir", default=None, help="also write report.json into this folder")
     args = p.parse_args(argv)
     args.command = "evaluate"
@@ -577,22 +584,28 @@ def main(args):
     if args.command == "train-classifier":
         if (args.epochs is not None and args.epochs < 1) or (args.batch_size is not None and args.batch_size < 1):
             common.fail("--epochs and --batch-size must be at least 1")
+        # before 25 minutes of training, not after: a classifier never silently replaces a file
+        out = Path(args.out or default_classifier_path(args.dataset))
+        common.check_writable_file(out, "--out")
+        if out.exists() and not args.overwrite:
+            common.fail(f"--out {out} already exists; pass --overwrite to replace it, or give another path")
         return train_classifier(args)
     device = common.pick_device(args.device)
     requested = None
     # every check before the work: a missing classifier or a bad output path must not cost
     # minutes of sampling first
     common.check_finite(eta=args.eta, guidance=args.guidance)
-    if args.eta < 0:
-        common.fail(f"--eta must be >= 0, got {args.eta}")
-    for path, what in ((args.json, "--json"), (args.save_npz, "--save-npz"), (args.save_grid, "--save-grid"),
-                       (args.save_unsure, "--save-unsure")):
-        common.check_writable_file(path, what)
+    if not 0 <= args.eta <= 1:
+        common.fail(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {args.eta}")
+    common.check_range("num_samples", args.num_samples, 2, common.LIMITS["num_samples"])
+    for path, what, suffix in ((args.json, "--json", ".json"), (args.save_npz, "--save-npz", ".npz"),
+                               (args.save_grid, "--save-grid", ".png"), (args.save_unsure, "--save-unsure", ".png")):
+        common.check_writable_file(path, what, (suffix,), args.overwrite)
     if args.out_dir:
         common.check_writable_dir(args.out_dir)
     if args.checkpoint:
         ckpt = common.load_checkpoint(args.checkpoint)
-        dataset = args.dataset or ckpt["args"].get("dataset", "mnist")
+        dataset = args.dataset or ckpt.get("args", {}).get("dataset", "mnist")
         if dataset not in SHAPES:
             common.fail(f"the checkpoint was trained on {dataset!r}; pass --dataset to say which "
                         f"reference to compare with ({', '.join(sorted(SHAPES))})")
@@ -649,4 +662,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run(main, parse_args)

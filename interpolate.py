@@ -43,13 +43,13 @@ def parse_args(argv=None):
                    help="the deterministic decoder of modes noise and classes: DDIM (eta 0) or "
                         "DPM-Solver++ (try --steps 15); mode images always uses DDIM, whose "
                         "inversion it retraces")
-    p.add_argument("--seeds", type=int, nargs=2, default=None, help="the two noise seeds (mode noise)")
+    p.add_argument("--seeds", type=common.seed_arg, nargs=2, default=None, help="the two noise seeds (mode noise)")
     p.add_argument("--indices", type=int, nargs=2, default=[0, 1],
                    help="which test images to join (mode images)")
     p.add_argument("--classes", type=int, nargs=2, default=[1, 7], help="mode classes")
     p.add_argument("--data-dir", default="./data", help=common.DATA_DIR_HELP)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=common.seed_arg, default=0, help="random seed")
     p.add_argument("--out-dir", default="runs/interpolate", help="where the PNGs and GIFs go")
     return p.parse_args(argv)
 
@@ -99,26 +99,34 @@ def noise_mode(args, diffusion, shape, device, out_dir, y, guidance):
             "midpoint_norm_lerp": float(norms["lerp"][mid])}
 
 
-def images_mode(args, diffusion, ckpt, device, out_dir):
-    dataset = ckpt["args"].get("dataset", "mnist")
+def load_images(args, ckpt):
+    """The test images of --indices, loaded and checked before any mode writes a file."""
+    dataset = ckpt.get("args", {}).get("dataset", "mnist")
     cfg = ckpt["model_config"]
     split = "test" if dataset in ("mnist", "fashion-mnist", "cifar10") else "train"
     data = common.load_dataset(dataset, args.data_dir, cfg["image_size"], cfg["channels"], split=split)
     if max(args.indices) >= len(data.images) or min(args.indices) < 0:
         common.fail(f"--indices must be in [0, {len(data.images)})")
+    return data
+
+
+def images_mode(args, diffusion, ckpt, data, device, out_dir):
+    cfg = ckpt["model_config"]
     x0 = common.to_model_range(data.images[list(args.indices)]).to(device)
     yy = None
     if cfg.get("num_classes") and data.labels is not None:
         yy = data.labels[list(args.indices)].to(device)
     # invert each real image with its own label (or none), then slerp the two x_T
     xT = diffusion.ddim_invert(x0, steps=args.steps, y=yy, guidance=1.0)
-    recon = diffusion.ddim_sample(x0.shape, steps=args.steps, noise=xT, y=yy, guidance=1.0, clip_x0=False)
+    recon = common.check_images_finite(
+        diffusion.ddim_sample(x0.shape, steps=args.steps, noise=xT, y=yy, guidance=1.0, clip_x0=False))
     ws = torch.linspace(0, 1, args.frames).tolist()
     path = torch.cat([slerp(xT[:1], xT[1:], w) for w in ws])
     y_path = None
     if yy is not None:  # the label switches half-way
         y_path = torch.tensor([int(yy[0]) if w < 0.5 else int(yy[1]) for w in ws], device=device)
-    decoded = diffusion.ddim_sample(path.shape, steps=args.steps, noise=path, y=y_path, guidance=1.0)
+    decoded = common.check_images_finite(
+        diffusion.ddim_sample(path.shape, steps=args.steps, noise=path, y=y_path, guidance=1.0))
     ends = [x0[0]] + [None] * (len(ws) - 2) + [x0[1]]  # the real images above the path's ends
     common.image_rows_figure([ends, decoded], ["real", "slerp"], out_dir / "image_interpolation.png",
            f"Between test images {args.indices[0]} and {args.indices[1]} through DDIM inversion")
@@ -162,6 +170,7 @@ def main(args):
     device = common.pick_device(args.device)
     if args.frames < 2:
         common.fail("--frames must be at least 2")
+    common.check_range("frames", args.frames, 2, common.LIMITS["frames"])
     ckpt = common.load_checkpoint(args.checkpoint)
     model, diffusion, module = common.model_from_checkpoint(ckpt, device)
     if not 1 <= args.steps <= diffusion.num_timesteps:
@@ -169,20 +178,21 @@ def main(args):
     cfg = ckpt["model_config"]
     shape = (1, cfg["channels"], cfg["image_size"], cfg["image_size"])
     out_dir = common.check_writable_dir(args.out_dir)
-    guidance = ckpt["args"].get("guidance", 1.0)
+    guidance = ckpt.get("args", {}).get("guidance", 1.0)
     if cfg.get("num_classes") and not all(0 <= c < cfg["num_classes"] for c in args.classes):
         common.fail(f"--classes must be in [0, {cfg['num_classes']}) for this checkpoint, got {args.classes}")
     # conditional models sample one fixed class for the noise path
     y = torch.tensor([args.classes[0]], device=device) if cfg.get("num_classes") else None
     modes = ["noise", "images"] + (["classes"] if cfg.get("num_classes") else []) \
         if args.mode == "all" else [args.mode]
+    data = load_images(args, ckpt) if "images" in modes else None  # before any mode writes
     report = {}
     with torch.no_grad():
         for mode in modes:
             if mode == "noise":
                 report["noise"] = noise_mode(args, diffusion, shape, device, out_dir, y, guidance)
             elif mode == "images":
-                report["images"] = images_mode(args, diffusion, ckpt, device, out_dir)
+                report["images"] = images_mode(args, diffusion, ckpt, data, device, out_dir)
             else:
                 report["classes"] = classes_mode(args, diffusion, module, ckpt, shape, device, out_dir, guidance)
     for mode, r in report.items():
@@ -193,4 +203,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run(main, parse_args)

@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--trajectory-samples", type=int, default=4, help="samples in trajectory.png")
     p.add_argument("--snapshots", type=int, default=10, help="columns in trajectory.png")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=common.seed_arg, default=0, help="random seed")
     p.add_argument("--out-dir", default="runs/timestep_analysis", help="where the figures and analysis.json go")
     return p.parse_args(argv)
 
@@ -383,12 +383,17 @@ def main(args):
     out_dir = common.check_writable_dir(args.out_dir)
     ckpt = common.load_checkpoint(args.checkpoint) if args.checkpoint else None
     cfg = ckpt["model_config"] if ckpt else {"image_size": 28, "channels": 1}
-    dataset = args.dataset or (ckpt["args"].get("dataset", "mnist") if ckpt else "mnist")
+    dataset = args.dataset or (ckpt.get("args", {}).get("dataset", "mnist") if ckpt else "mnist")
     split = "test" if dataset in ("mnist", "fashion-mnist", "cifar10") else "train"
     data = common.load_dataset(dataset, args.data_dir, cfg["image_size"], cfg["channels"], split=split)
     if not 0 <= args.index < len(data.images):
         common.fail(f"--index must be in [0, {len(data.images)})")
     T = ckpt["diffusion"]["timesteps"] if ckpt else 1000
+    if args.vlb_stride > T:
+        common.fail(f"--vlb-stride {args.vlb_stride} is more than the checkpoint's {T} timesteps; "
+                    f"the bound needs at least one KL term (use at most {T})")
+    for name in ("loss_images", "loss_points", "vlb_images", "trajectory_samples", "snapshots"):
+        common.check_range(name, getattr(args, name), 1, common.LIMITS["points"])
     report = {"dataset": dataset, "timesteps": T}
 
     forward_process_figure(common.to_model_range(data.images[args.index:args.index + 1]), T,
@@ -469,4 +474,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run(main, parse_args)

@@ -115,7 +115,7 @@ def add_training_args(p, kind):
       help="bfloat16 autocast for training steps; auto: on where the hardware has fast bf16, "
            "none: float32")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    a("--seed", type=int, default=0, help="random seed")
+    a("--seed", type=common.seed_arg, default=0, help="random seed")
     a("--resume", default=None, help="continue from this last.pt (or best.pt)")
 
 
@@ -146,11 +146,14 @@ def check_training_args(args):
         fail(f"--ema-power must be >= 0, got {args.ema_power}")
     if args.sample_steps > args.timesteps:
         fail(f"--sample-steps ({args.sample_steps}) cannot exceed --timesteps ({args.timesteps})")
+    common.check_range("timesteps", args.timesteps, 1, common.LIMITS["timesteps"])
+    common.check_range("batch_size", args.batch_size, 1, common.LIMITS["batch_size"])
     if not 0 < args.t_power <= 10:
         fail(f"--t-power must be in (0, 10], got {args.t_power}")
-    if args.schedule not in ("linear", "cosine") or args.prediction not in ("eps", "v"):
-        fail(f"unknown schedule {args.schedule!r} or prediction {args.prediction!r} (a damaged "
-             f"checkpoint?); the schedules are linear and cosine, the predictions eps and v")
+    if args.schedule not in ("linear", "cosine") or args.prediction not in ("eps", "v") or \
+            args.lr_schedule not in ("constant", "cosine") or args.optimizer not in ("adamw", "muon"):
+        fail(f"unknown schedule {args.schedule!r}, prediction {args.prediction!r}, lr schedule "
+             f"{args.lr_schedule!r} or optimizer {args.optimizer!r} (a damaged checkpoint?)")
     if args.warmup < 0 or args.patience < 1 or args.grad_clip <= 0:
         fail("--warmup must be >= 0, --patience >= 1 and --grad-clip > 0")
 
@@ -169,12 +172,27 @@ def check_out_dir(args):
 
 def plain(args):
     """argparse.Namespace -> a dict of plain values, storable with weights_only=True."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
-def plain(args):
-    """argparse.Namespace -> a dict of plain values, storable with weights_only=True."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "explicit"}
+
+
+def check_stored_types(stored, current, state, path):
+    """A damaged or tampered checkpoint's settings and counters must have the types this
+    script's own arguments have (an int may stand for a float), or resuming fails clearly."""
+    def same_kind(value, like):
+        if like is None or value is None:
+            return True
+        if isinstance(like, bool) or isinstance(value, bool):
+            return isinstance(value, bool) == isinstance(like, bool)
+        if isinstance(like, float):
+            return isinstance(value, (int, float))
+        return isinstance(value, type(like))
+    bad = [k for k, v in stored.items() if k in current and not same_kind(v, current[k])]
+    counters = {"epoch": int, "step": int, "batch_in_epoch": int, "bad_epochs": int,
+                "loss_count": int, "loss_sum": (int, float), "best_val": (int, float)}
+    bad += [f"state {k}" for k, t in counters.items()
+            if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)]
+    if bad:
+        fail(f"{path} is damaged: its {', '.join(bad)} have the wrong type; it cannot be resumed")
 
 
 def prepare_args(args, kind):
@@ -190,6 +208,7 @@ def prepare_args(args, kind):
                      f"(a shipped, weights-only model can be sampled from, not trained on)")
         given = {k: getattr(args, k) for k in args.explicit if k != "resume"}
         stored = {**ckpt["args"], **ckpt["diffusion"]}
+        check_stored_types(stored, vars(args), ckpt["state"], args.resume)
         changed = {k: v for k, v in given.items() if k in FIXED_ON_RESUME and stored.get(k, v) != v}
         if changed:
             fail("a resumed run keeps its " + ", ".join(
@@ -197,6 +216,7 @@ def prepare_args(args, kind):
                 "; start a new run (another --out-dir) to change it")
         merged = {**vars(args), **stored, **given, "resume": args.resume, "explicit": args.explicit}
         merged["out_dir"] = given.get("out_dir")  # by default the checkpoint's own folder
+        merged["overwrite"] = given.get("overwrite", False)
         args = argparse.Namespace(**merged)
         applied = [f"--{k.replace('_', '-')} {v}" for k, v in given.items()
                    if k not in ("out_dir", "device") and k not in FIXED_ON_RESUME]

@@ -59,6 +59,12 @@ def check_network(args):
     dims = args.hidden_dims
     if args.image_size < 4 or any(h < 1 for h in dims) or args.time_dim < 2:
         common.fail("--image-size must be >= 4 and --hidden-dims, --time-dim positive")
+    common.check_range("image_size", args.image_size, 4, common.LIMITS["image_size"])
+    common.check_range("time_dim", args.time_dim, 2, common.LIMITS["time_dim"])
+    common.check_range("reference_size", args.reference_size, 0, common.LIMITS["reference_size"])
+    if len(dims) > common.LIMITS["levels"] or max(dims) > common.LIMITS["width"]:
+        common.fail(f"--hidden-dims: at most {common.LIMITS['levels']} levels of at most "
+                    f"{common.LIMITS['width']} channels, got {dims}")
     if args.time_dim % 2:
         common.fail(f"--time-dim must be even (sines and cosines in pairs), got {args.time_dim}")
     if any(h > 8 and h % 8 for h in dims):
@@ -89,4 +95,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run(main, parse_args)

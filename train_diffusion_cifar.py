@@ -65,6 +65,7 @@ def main(args):
                 common.fail(f"--dropout must be in [0, 1), got {args.dropout}")
             model_config["dropout"] = args.dropout
         levels = len(model_config["channel_mult"])
+        common.check_range("image_size", args.image_size, 4, common.LIMITS["image_size"])
         if args.image_size < 4 or args.image_size % 2 ** (levels - 1):
             common.fail(f"--image-size {args.image_size} must be divisible by {2 ** (levels - 1)} "
                         f"for the {args.preset} preset's {levels} levels")
@@ -76,4 +77,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run(main, parse_args)

@@ -82,7 +82,7 @@ class Trainer:
         except (TypeError, ValueError) as e:
             fail(f"cannot build the network from model config {model_config}: {e}")
         # checkpoints store the network's own config, defaults included, so that a setting the
-        # caller left to its default is not later read as a checkpoint from before it existed
+        # caller left to its default is stored too
         self.model_config = self.model.config
         self.ema = module.EMA(self.model, args.ema_decay, args.ema_power)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -345,7 +345,8 @@ class Trainer:
                                    self.train_log, stable_targets=self.reference_size > 0)
             self.sample_grid(out_dir / f"samples_epoch{math.ceil(epoch):03d}.png")
             print(f"epoch {epoch:g} step {state['step']}: train {train_loss:.4f} "
-                  f"val {val:.4f}{' (best)' if improved else ''} {images_per_s:.0f} img/s")
+                  f"val {val:.4f}{' (best)' if improved else ''}"
+                  + (f" {images_per_s:.0f} img/s" if images_per_s else ""))  # none: no step since the resume
         self.save(out_dir / "last.pt")
         if improved:
             self.save(out_dir / "best.pt")

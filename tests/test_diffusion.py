@@ -782,16 +782,25 @@ def test_training_cuts_the_loss():
     assert after < 0.3 * before
 
 
-def test_readme_math_tour_links_land_on_the_code():
-    """Each file.py#L<n> link in README's math tour points at a def or a commented line."""
+def test_readme_links_land_on_the_code_they_name():
+    """Each [`name`](file.py#L<n>) link in README.md lands on the code it names: line n defines
+    `name` (def, class or assignment), or, for a quoted comment or expression, holds it. Each
+    RESULTS.md#anchor link lands on a heading of RESULTS.md."""
     from pathlib import Path
     import re
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
-    links = re.findall(r"\[(?:(\w+\.py) )?line (\d+)\]\((\w+\.py)#L(\d+)\)", readme)
-    assert len(links) >= 10 and {"diffusion.py", "training.py"} <= {f for *_, f, _ in links}
-    for named, text, path, anchor in links:
-        assert text == anchor, f"the link text says line {text} but points at line {anchor}"
-        assert named in ("", path), f"the link text names {named} but points into {path}"
+    links = re.findall(r"\[`([^`]+)`\]\((\w+\.py)#L(\d+)\)", readme)
+    assert len(links) >= 15 and {"diffusion.py", "training.py", "optimizers.py"} <= {p for _, p, _ in links}
+    for name, path, anchor in links:
         line = (root / path).read_text().splitlines()[int(anchor) - 1].strip()
-        assert line.startswith(("def ", "class ")) or "#" in line, (path, anchor, line)
+        if name.isidentifier():
+            assert re.match(rf"(def|class) {name}\b|{name} = ", line), (path, anchor, name, line)
+        else:
+            assert name in line, (path, anchor, name, line)
+
+    def slug(heading):  # GitHub's anchor for a heading
+        return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+    anchors = {slug(h) for h in re.findall(r"^#+ (.*)$", (root / "RESULTS.md").read_text(), re.M)}
+    for anchor in re.findall(r"\(RESULTS\.md#([^)]+)\)", readme):
+        assert anchor in anchors, anchor
