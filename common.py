@@ -127,12 +127,12 @@ def check_writable_file(path, what, suffixes=None, overwrite=False):
     path = Path(path)
     if path.is_dir():
         fail(f"{what} {path} is a folder; give a file name")
+    check_writable_dir(path.parent, f"the folder of {what}")
     if suffixes and path.suffix.lower() not in suffixes:
         fail(f"{what} {path} must end in {' or '.join(suffixes)}")
     if path.is_file() and not overwrite and is_checkpoint_file(path):
         fail(f"{what} {path} holds a checkpoint, which this would replace; give another path, "
              f"or pass --overwrite to replace it")
-    check_writable_dir(path.parent, f"the folder of {what}")
 
 
 def is_checkpoint_file(path):
@@ -440,7 +440,7 @@ def load_checkpoint(path, kind=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
+        if "Unsupported global" in str(e):  # a class the safe loader will not rebuild
             fail(f"{path} holds objects other than tensors and plain data; it was refused, "
                  f"because loading it could run code")
         fail(f"could not read checkpoint {path}: it is corrupted or not a checkpoint of this project")
@@ -455,11 +455,11 @@ def load_checkpoint(path, kind=None):
         fail(f"{path} holds an unknown model kind {ckpt['kind']!r}")
     if not isinstance(ckpt.get("args", {}), dict):
         fail(f"{path} is damaged: its training arguments are not a dict")
-    check_config(ckpt, path)
     if kind is not None and ckpt["kind"] != kind:
         fail(f"{path} is a checkpoint of the {ckpt['kind']} model "
              f"({MODEL_MODULES[ckpt['kind']]}.py); use {TRAIN_SCRIPTS[ckpt['kind']]} with it, "
              f"not this script, which trains the {kind} model")
+    check_config(ckpt, path)
     check_weights_finite(ckpt, path)
     return ckpt
 

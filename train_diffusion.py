@@ -61,7 +61,6 @@ def check_network(args):
         common.fail("--image-size must be >= 4 and --hidden-dims, --time-dim positive")
     common.check_range("image_size", args.image_size, 4, common.LIMITS["image_size"])
     common.check_range("time_dim", args.time_dim, 2, common.LIMITS["time_dim"])
-    common.check_range("reference_size", args.reference_size, 0, common.LIMITS["reference_size"])
     if len(dims) > common.LIMITS["levels"] or max(dims) > common.LIMITS["width"]:
         common.fail(f"--hidden-dims: at most {common.LIMITS['levels']} levels of at most "
                     f"{common.LIMITS['width']} channels, got {dims}")
@@ -75,6 +74,7 @@ def check_network(args):
                     f"number of attention heads in the bottleneck")
     if args.reference_size < 0:
         common.fail(f"--reference-size must be 0 (off) or a number of images, got {args.reference_size}")
+    common.check_range("reference_size", args.reference_size, 0, common.LIMITS["reference_size"])
     if args.image_size % 2 ** (len(dims) - 1):
         common.fail(f"--image-size {args.image_size} must be divisible by {2 ** (len(dims) - 1)} "
                     f"for {len(dims)} levels")

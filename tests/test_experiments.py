@@ -62,7 +62,7 @@ def test_ddim_compare_bad_input(setup, tmp_path):
     ck = str(root / "u" / "last.pt")
     with pytest.raises(SystemExit, match=r"must be in \[1, 20\]"):
         ddim_compare.main(ddim_compare.parse_args(["--checkpoint", ck, "--steps", "50", "--no-fid"]))
-    with pytest.raises(SystemExit, match="--class needs a conditional"):
+    with pytest.raises(SystemExit, match="--class needs a class-conditional"):
         ddim_compare.main(ddim_compare.parse_args(["--checkpoint", ck, "--class", "3", "--no-fid", "--steps", "2"]))
     with pytest.raises(SystemExit, match="train-classifier"):
         ddim_compare.main(ddim_compare.parse_args(["--checkpoint", ck, "--steps", "2",
@@ -208,3 +208,15 @@ def test_self_conditioning_figure_feeds_the_estimate_or_zeros(setup, tmp_path):
     steps = min(50, d.num_timesteps)
     assert all(e is None for e in seen[steps:]) and all(e is not None for e in seen[1:steps])
     assert not torch.equal(fed, zeros) and (tmp_path / "sc.png").is_file()
+
+
+def test_ddim_compare_without_a_classifier_skips_the_scores_with_a_note(setup, tmp_path, monkeypatch, capsys):
+    """Comparing samplers needs no classifier: without one the FID column is left out, and a
+    line says how to add it."""
+    monkeypatch.chdir(tmp_path)  # no runs/classifiers/mnist.pt here
+    ddim_compare.main(ddim_compare.parse_args(
+        ["--checkpoint", str(setup / "u" / "last.pt"), "--steps", "2", "--no-ddpm", "--no-dpm",
+         "--num-samples", "4", "--distance-samples", "0", "--out-dir", str(tmp_path / "d"), "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert "note: no FID column" in out and "python evaluate.py train-classifier --dataset mnist" in out
+    assert (tmp_path / "d" / "comparison_grid.png").is_file()
