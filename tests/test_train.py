@@ -344,16 +344,22 @@ def test_memory_format_is_nchw_only_for_cpu_bf16():
     assert common.memory_format(cuda, bf16=True) == torch.channels_last
 
 
-def test_progress_rows_at_doubling_steps_survive_a_resume(mnist_dir):
+def test_progress_rows_and_the_training_loss_log_survive_a_resume(mnist_dir):
+    """progress.png gains a row at steps 25, 50, 100, ... (doubling); the smoothed training
+    loss is kept every 25 steps; both carry over a resume."""
     run(mnist_dir, "--max-steps", "60", "--epochs", "20")
     last = mnist_dir / "out" / "last.pt"
-    assert sorted(torch.load(last, weights_only=True)["progress"]) == [25, 50]
+    ckpt = torch.load(last, weights_only=True)
+    log = ckpt["train_log"]
+    assert sorted(ckpt["progress"]) == [25, 50]
+    assert sorted(log) == [25, 50] and all(0 < v < 10 for v in log.values())
     train_diffusion.main(train_diffusion.parse_args(["--resume", str(last), "--max-steps", "100",
-                                                     "--epochs", "20", "--device", "cpu",
-                                                     "--data-dir", str(mnist_dir / "data")]))
-    progress = torch.load(last, weights_only=True)["progress"]
+                                                     "--device", "cpu", "--data-dir", str(mnist_dir / "data")]))
+    ckpt = torch.load(last, weights_only=True)
+    progress, log2 = ckpt["progress"], ckpt["train_log"]
     assert sorted(progress) == [25, 50, 100]
     assert progress[100].shape == (8, 1, 28, 28) and progress[100].dtype == torch.uint8
+    assert sorted(log2) == [25, 50, 75, 100] and log2[50] == log[50]
     # one labelled row per snapshot
     assert Image.open(mnist_dir / "out" / "progress.png").size[1] > 3 * 28
 
@@ -364,18 +370,6 @@ def test_python_diffusion_prints_the_unet(capsys):
     out = capsys.readouterr().out
     assert "downs[0]" in out and "(16, 14, 14)" in out and "bottleneck" in out and "(64, 7, 7)" in out
     assert f"{sum(p.numel() for p in model.parameters()):,}" in out.splitlines()[-1]  # the total
-
-
-def test_training_loss_is_logged_every_25_steps_and_survives_a_resume(mnist_dir):
-    run(mnist_dir, "--max-steps", "60", "--epochs", "20")
-    last = mnist_dir / "out" / "last.pt"
-    log = torch.load(last, weights_only=True)["train_log"]
-    assert sorted(log) == [25, 50] and all(0 < v < 10 for v in log.values())
-    train_diffusion.main(train_diffusion.parse_args(["--resume", str(last), "--max-steps", "80",
-                                                     "--epochs", "20", "--device", "cpu",
-                                                     "--data-dir", str(mnist_dir / "data")]))
-    log2 = torch.load(last, weights_only=True)["train_log"]
-    assert sorted(log2) == [25, 50, 75] and log2[50] == log[50]
 
 
 # -- the optimizer: Muon for the weight matrices, AdamW for the rest ---------------------------
