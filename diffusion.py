@@ -853,8 +853,9 @@ class SelfConditionedDiffusion(GaussianDiffusion):
         return x0_pred, eps
 
     @contextlib.contextmanager
-    def _chain(self):
-        """A sampling chain: it starts with no estimate, and forgets its last one at the end."""
+    def chain(self):
+        """A sampling chain: it starts with no estimate, and forgets its last one at the end.
+        A script that runs its own loop of sampler steps (inpaint.py) runs it inside one."""
         self.in_chain, self.x0_prev = True, None
         try:
             yield
@@ -862,13 +863,13 @@ class SelfConditionedDiffusion(GaussianDiffusion):
             self.in_chain, self.x0_prev = False, None
 
     def _sample_loop(self, *args, **kwargs):
-        with self._chain():
+        with self.chain():
             return super()._sample_loop(*args, **kwargs)
 
     def ddim_invert(self, *args, **kwargs):
         """As GaussianDiffusion.ddim_invert; each call sees the x0 predicted one step lower.
         Sampling feeds it the one from a step higher, so here the retrace is close, not exact."""
-        with self._chain():
+        with self.chain():
             return super().ddim_invert(*args, **kwargs)
 
 

@@ -491,7 +491,7 @@ def test_samplers_feed_a_self_conditioned_network_the_last_x0(sampler):
         assert torch.equal(net.seen[i], traj["x0_pred"][i - 1].clamp(-1, 1))
     assert d.x0_prev is None and not d.in_chain  # a chain forgets its estimate at the end
     # with guidance both halves of the batched call see the same estimate
-    with d._chain():
+    with d.chain():
         d.x0_prev = noise
         d.guided_output(noise, 5, torch.tensor([1, 2, 3]), guidance=2.0)
     assert torch.equal(net.seen[-1], torch.cat([noise, noise]).clamp(-1, 1))
