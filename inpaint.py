@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--mask", default="right",
                    help="the unknown part: bottom, right (half), center (square), random (pixels), "
                         "or a PNG of the image's size, white where the pixels are known")
-    p.add_argument("--indices", type=int, nargs="+", default=list(range(8)), help="test-set images")
+    p.add_argument("--indices", type=int, nargs="+", default=None, help="test-set images (default: the first --count)")
+    p.add_argument("--count", type=int, default=8, help="without --indices: the first this many test images")
     p.add_argument("--image", default=None, help="an image file of your own instead of --indices")
     p.add_argument("--samples", type=int, default=4, help="completions per image")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=None, help="default: the training setting")
     p.add_argument("--data-dir", default="./data", help=common.DATA_DIR_HELP)
     p.add_argument("--out-npz", default=None, help="also save the completions here (.npz)")
+    p.add_argument("--classifier", default=None,
+                   help="score the completions: the share that this classifier (evaluate.py "
+                        "train-classifier) assigns to the original image's class")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=common.seed_arg, default=0, help="random seed")
     p.add_argument("--out-dir", default="runs/inpaint", help="where the grid goes")
@@ -188,8 +192,9 @@ def check_args(args, T):
     common.check_range("resample", args.resample, 1, 100)
     if any(not 0 <= s <= 1 for s in args.strengths):  # NaN fails this too
         common.fail(f"--strengths must be in [0, 1], got {args.strengths}")
-    if len(args.indices) > 64:
-        common.fail(f"at most 64 --indices, got {len(args.indices)}")
+    common.check_range("count", args.count, 1, 100_000)
+    if args.indices is None:
+        args.indices = list(range(args.count))
 
 
 def main(args):
@@ -200,6 +205,8 @@ def main(args):
     check_args(args, T)
     common.check_finite(guidance=args.guidance)
     out_dir = common.check_writable_dir(args.out_dir)
+    if args.classifier and args.image:
+        common.fail("--classifier scores against the test images' own labels; it needs --indices or --count, not --image")
     common.check_writable_file(args.out_npz, "--out-npz", (".npz",))
     g = torch.Generator().manual_seed(args.seed)
     size, channels = cfg["image_size"], cfg["channels"]
@@ -220,6 +227,12 @@ def main(args):
             common.fail(f"--indices must be in [0, {len(data.images)})")
         images = data.images[args.indices]
         labels = data.labels[args.indices] if data.labels is not None else None
+    clf = None
+    if args.classifier:  # before the work: a missing classifier must not cost minutes
+        import evaluate
+        clf, _ = evaluate.load_classifier(args.classifier, dataset, device)
+        if labels is None:
+            common.fail("--classifier needs a labelled test set")
     model, diffusion, _ = common.model_from_checkpoint(ckpt, device)
     guidance = ckpt.get("args", {}).get("guidance", 1.0) if args.guidance is None else args.guidance
     x0 = common.to_model_range(images).float()
@@ -234,8 +247,9 @@ def main(args):
         xs, ys = x0.repeat_interleave(k, 0), (y.repeat_interleave(k, 0) if y is not None else None)
         out = inpaint(diffusion, xs, mask, args.sampler, args.steps, args.eta, ys, guidance,
                       args.resample, g).cpu()
-        rows = [[x0[i], x0[i] * mask[0], *out[i * k:(i + 1) * k]] for i in range(len(x0))]  # unknown: grey
-        common.image_rows_figure(rows, [f"image {i}" for i in range(len(x0))], out_dir / "inpaint.png",
+        shown = range(min(len(x0), 8))  # the figure shows the first 8 images
+        rows = [[x0[i], x0[i] * mask[0], *out[i * k:(i + 1) * k]] for i in shown]  # unknown: grey
+        common.image_rows_figure(rows, [f"image {i}" for i in shown], out_dir / "inpaint.png",
                                  f"original | masked ({args.mask}) | {k} completions, "
                                  f"{common.sampler_label(args.sampler, args.steps if args.sampler == 'ddim' else T, args.eta)}"
                                  + (f", RePaint x{args.resample}" if args.resample > 1 else ""))
@@ -245,8 +259,9 @@ def main(args):
         outs = [sdedit(diffusion, x0, s, args.steps, args.eta, y, guidance, g, noise).cpu() for s in args.strengths]
         out = torch.stack(outs, 1).flatten(0, 1)  # (images x strengths, C, H, W)
         n = len(args.strengths)
-        rows = [list(out[i * n:(i + 1) * n]) for i in range(len(x0))]
-        common.image_rows_figure(rows, [f"image {i}" for i in range(len(x0))], out_dir / "sdedit.png",
+        shown = range(min(len(x0), 8))
+        rows = [list(out[i * n:(i + 1) * n]) for i in shown]
+        common.image_rows_figure(rows, [f"image {i}" for i in shown], out_dir / "sdedit.png",
                                  "SDEdit strengths " + ", ".join(f"{s:g}" for s in args.strengths)
                                  + ": noised to t = strength x T, then denoised")
         written = "sdedit.png"
@@ -255,9 +270,16 @@ def main(args):
         np.savez(args.out_npz, arr_0=common.to_uint8(out).permute(0, 2, 3, 1).numpy(),
                  originals=images.permute(0, 2, 3, 1).numpy(),
                  mask=(mask[0, 0].numpy() > 0) if mask is not None else np.zeros(0, bool))
+    report = {"images": out, "seconds": seconds}
+    if clf is not None and args.mode == "inpaint":
+        import evaluate
+        _, probs = evaluate.classify(clf, common.to_uint8(out).permute(0, 2, 3, 1).numpy(), device)
+        report["same_class"] = float((probs.argmax(1) == labels.repeat_interleave(args.samples).numpy()).mean())
+        print(f"the classifier assigns {100 * report['same_class']:.1f}% of the {len(out)} completions "
+              f"to the original image's class")
     print(f"wrote {out_dir / written}{' and ' + args.out_npz if args.out_npz else ''} "
           f"({len(out)} images in {seconds:.1f} s)")
-    return {"images": out, "seconds": seconds}
+    return report
 
 
 if __name__ == "__main__":
