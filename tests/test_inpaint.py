@@ -120,3 +120,26 @@ def test_bad_input_is_one_line_before_the_work(tiny_runs, tmp_path, monkeypatch,
         cli(tiny_runs, tmp_path, *extra)
     with pytest.raises(SystemExit, match="does not exist"):
         inpaint.main(inpaint.parse_args(["--checkpoint", str(tmp_path / "missing.pt")]))
+
+
+def test_a_conditional_model_fills_in_with_guidance_and_the_completions_are_scored(tiny_runs, tmp_path, monkeypatch):
+    """A class-conditional checkpoint fills each image in with its own label (or --class),
+    with classifier-free guidance; --classifier gives the share in the original's class."""
+    seen = []
+    real = inpaint.inpaint
+
+    def spy(d, x0, mask, sampler, steps, eta, y, guidance, *a, **k):
+        seen.append((y.tolist(), guidance))
+        return real(d, x0, mask, sampler, steps, eta, y, guidance, *a, **k)
+    monkeypatch.setattr(inpaint, "inpaint", spy)
+    report = inpaint.main(inpaint.parse_args(
+        ["--checkpoint", str(tiny_runs / "c" / "last.pt"), "--data-dir", str(tiny_runs / "data"),
+         "--indices", "0", "1", "--samples", "2", "--steps", "4", "--guidance", "3",
+         "--classifier", str(tiny_runs / "clf.pt"), "--out-dir", str(tmp_path / "o"), "--device", "cpu"]))
+    labels = inpaint.common.load_dataset("mnist", str(tiny_runs / "data"), 28, 1, split="test").labels[:2]
+    assert seen == [(labels.repeat_interleave(2).tolist(), 3.0)]
+    assert 0 <= report["same_class"] <= 1
+    with pytest.raises(SystemExit, match="needs --indices or --count, not --image"):
+        inpaint.main(inpaint.parse_args(["--checkpoint", str(tiny_runs / "c" / "last.pt"), "--image", "x.png",
+                                         "--steps", "4", "--classifier", str(tiny_runs / "clf.pt"),
+                                         "--out-dir", str(tmp_path / "p")]))
