@@ -401,7 +401,6 @@ class Trainer:
         self.ema.update(self.model)
         return loss
 
-
     def run(self):
         """Train until --epochs, a budget, early stopping or Ctrl-C. Returns the counters."""
         from tqdm.auto import tqdm
