@@ -166,11 +166,14 @@ LIMITS = {"timesteps": 100_000, "image_size": 1024, "width": 1024, "levels": 8,
           "reference_size": 100_000, "batch_size": 65_536, "frames": 10_000, "points": 100_000}
 
 
+def is_whole(value, low, high):
+    """True for an int (not a bool) in [low, high]."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def check_range(name, value, low, high):
     """A whole-number argument in [low, high], or one error line naming the flag."""
-    if value is None:
-        return
-    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+    if value is not None and not is_whole(value, low, high):
         fail(f"--{name.replace('_', '-')} must be a whole number in [{low:,}, {high:,}], got {value}")
 
 
@@ -468,10 +471,7 @@ def check_config(ckpt, path):
     """What a checkpoint asks to build must be sane and bounded (LIMITS): a tampered file must
     not allocate gigabytes, or fail deep inside torch."""
     cfg, diff = ckpt["model_config"], ckpt["diffusion"]
-
-    def whole(value, low, high):
-        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
+    whole = is_whole
     problems = []
     if not whole(diff.get("timesteps"), 1, LIMITS["timesteps"]):
         problems.append(f"timesteps {diff.get('timesteps')!r} (a whole number in [1, {LIMITS['timesteps']:,}])")

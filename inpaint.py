@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import common
+import diffusion as mnist_module  # ddim_timesteps, the same in both model modules
 
 MASKS = ("bottom", "right", "center", "random")
 
@@ -129,11 +130,10 @@ def step(diffusion, x, t, t_prev, sampler, eta, y, guidance, generator):
 
 def timesteps(diffusion, sampler, steps, t_start):
     """The descending timesteps from t_start to 0: every one for DDPM, `steps` evenly spaced
-    (at most t_start + 1) for DDIM."""
+    (at most t_start + 1) for DDIM: DDIM's sub-sequence of a process t_start + 1 steps long."""
     if sampler == "ddpm":
         return list(range(t_start, -1, -1))
-    n = min(steps, t_start + 1)
-    return np.linspace(t_start, 0, n).round().astype(np.int64).tolist() if n > 1 else [t_start]
+    return mnist_module.ddim_timesteps(t_start + 1, min(steps, t_start + 1))
 
 
 @torch.no_grad()

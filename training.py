@@ -291,6 +291,11 @@ class Trainer:
         if self.state["step"] % LOG_EVERY == 0:
             self.train_log[self.state["step"]] = self.smoothed_loss
 
+    def diverged(self, what, detail=""):
+        """Stop a run that diverged, before it writes anything: the last good checkpoint stays."""
+        fail(f"{what} at step {self.state['step']}{detail}: training diverged and stopped. The last good "
+             f"checkpoint in {self.out_dir} was kept. Try a lower --lr or a longer --warmup.")
+
     def elapsed(self):
         """Seconds of training in this run, earlier sessions of a resumed run included."""
         return self.elapsed_before + time.time() - self.start
@@ -300,9 +305,7 @@ class Trainer:
         Weights that are not finite are never written: the run stops, the last good file stays."""
         weights = list(self.model.state_dict().values()) + list(self.ema.shadow.values())
         if not all(torch.isfinite(w).all() for w in weights if w.is_floating_point()):
-            fail(f"the weights are no longer finite at step {self.state['step']}: training "
-                 f"diverged and stopped. The last good checkpoint in {self.out_dir} was kept. "
-                 f"Try a lower --lr or a longer --warmup.")
+            self.diverged("the weights are no longer finite")
         rngs = [dict(common.rng_state(), train=self.gen.get_state())]
         if self.world > 1:
             rngs = [None] * self.world
@@ -328,9 +331,7 @@ class Trainer:
         self.model.eval()
         val = self.validation_loss()
         if not math.isfinite(val):
-            fail(f"the validation loss became {val} at step {state['step']}: training diverged and "
-                 f"stopped. The last good checkpoint in {out_dir} was kept. Try a lower --lr or a "
-                 f"longer --warmup.")
+            self.diverged(f"the validation loss became {val}")
         improved = state["best_val"] - val > self.args.min_delta
         if improved:
             state["best_val"], state["bad_epochs"] = val, 0
@@ -392,9 +393,7 @@ class Trainer:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            fail(f"the loss became {loss.item()} at step {self.state['step']} (gradient norm "
-                 f"{grad_norm.item()}); training stopped. The last good checkpoint in "
-                 f"{self.out_dir} was kept. Try a lower --lr or a longer --warmup.")
+            self.diverged(f"the loss became {loss.item()}", f" (gradient norm {grad_norm.item()})")
         for group in self.opt.param_groups:  # the learning-rate schedule
             group["lr"] = self.learning_rate(self.state["step"], self.elapsed())
         self.opt.step()  # line 5: the gradient step
