@@ -450,9 +450,11 @@ def load_checkpoint(path, kind=None):
     except Exception as e:
         fail(f"could not read checkpoint {path}: it is corrupted or not a checkpoint "
              f"of this project ({type(e).__name__})")
-    needed = {"kind", "model_config", "diffusion", "model", "ema"}
+    # a training checkpoint also holds the raw weights ("model"), the optimizer and the counters;
+    # a weights-only file (pretrained/, distill.py's students) holds the EMA weights alone
+    needed = {"kind", "model_config", "diffusion", "ema"}
     if not isinstance(ckpt, dict) or not needed <= ckpt.keys() or \
-            not all(isinstance(ckpt[k], dict) for k in ("model_config", "diffusion", "model", "ema")):
+            not all(isinstance(ckpt.get(k, {}), dict) for k in ("model_config", "diffusion", "model", "ema")):
         fail(f"{path} is not a checkpoint of this project (it lacks {sorted(needed)})")
     if not isinstance(ckpt["kind"], str) or ckpt["kind"] not in MODEL_MODULES:
         fail(f"{path} holds an unknown model kind {ckpt['kind']!r}")
@@ -464,6 +466,7 @@ def load_checkpoint(path, kind=None):
              f"not this script, which trains the {kind} model")
     check_config(ckpt, path)
     check_weights_finite(ckpt, path)
+    check_distilled(ckpt, path)
     return ckpt
 
 
@@ -506,7 +509,7 @@ def check_config(ckpt, path):
 def check_weights_finite(ckpt, path):
     """NaN or inf weights would sample black images and train on with a NaN loss: refuse them."""
     ema = ckpt["ema"].get("shadow") if isinstance(ckpt["ema"], dict) else None
-    tensors = {"model": ckpt["model"], "EMA": ema}
+    tensors = {"model": ckpt.get("model", {}), "EMA": ema}
     for part, state in tensors.items():
         if not isinstance(state, dict):
             fail(f"{path} is damaged: its {part} weights are not a state dict")
@@ -514,6 +517,38 @@ def check_weights_finite(ckpt, path):
             if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
                 fail(f"{path} holds non-finite (NaN or inf) {part} weights in {name}: the run "
                      f"that wrote it diverged or the file is damaged; use an earlier checkpoint")
+
+
+def check_distilled(ckpt, path):
+    """A student of progressive distillation records its step count, which must fit its T."""
+    if "distilled" not in ckpt:
+        return
+    d, T = ckpt["distilled"], ckpt["diffusion"]["timesteps"]
+    if not (isinstance(d, dict) and is_whole(d.get("steps"), 1, T)):
+        fail(f"{path} is damaged: its distillation record {d!r} lacks a step count in [1, {T}]")
+
+
+def distilled_steps(ckpt):
+    """The step count of a distilled student (distill.py), or None for any other checkpoint."""
+    return ckpt["distilled"]["steps"] if "distilled" in ckpt else None
+
+
+def check_student(ckpt, sampler, steps, eta=0.0, spacing=None):
+    """A distilled student learned one thing: its own N DDIM steps (eta 0) on the grid of
+    diffusion.distilled_timesteps. Any other sampler or step count is refused before any work."""
+    n = distilled_steps(ckpt)
+    if n is not None and (sampler != "ddim" or steps != n or eta != 0 or spacing not in (None, "distilled")):
+        fail(f"this checkpoint is a {n}-step student of progressive distillation (distill.py): it "
+             f"samples only with its own {n} DDIM steps (--sampler ddim --steps {n}, eta 0), not "
+             f"{sampler_label(sampler, steps, eta, spacing)}")
+
+
+def refuse_student(ckpt, path, needs):
+    """For scripts that ask a model at timesteps of their own choosing: a student knows only its grid."""
+    n = distilled_steps(ckpt)
+    if n is not None:
+        fail(f"{path} is a {n}-step distilled student: it learned only its own {n} steps, and this "
+             f"script {needs}; give it the student's teacher instead")
 
 
 def make_diffusion(module, model, model_config, timesteps, schedule, prediction, p_self_cond=0.5,
@@ -526,21 +561,26 @@ def make_diffusion(module, model, model_config, timesteps, schedule, prediction,
     return module.GaussianDiffusion(model, timesteps, schedule, prediction)
 
 
-def model_from_checkpoint(ckpt, device, use_ema=True):
-    """Rebuild (model, diffusion, module) from a checkpoint's stored config alone."""
+def model_from_checkpoint(ckpt, device):
+    """Rebuild (model, diffusion, module) from a checkpoint's stored config and EMA weights
+    (float32, also from a float16 file). A distilled student gets the plain process, whose
+    network sees no x0 estimate (distill.py says why), and diffusion.distilled_steps = N,
+    which common.sample holds it to."""
     import importlib
     module = importlib.import_module(MODEL_MODULES[ckpt["kind"]])
     try:
         model = module.DiffusionModel(**ckpt["model_config"])
-        model.load_state_dict(ckpt["ema"]["shadow"] if use_ema else ckpt["model"])
+        model.load_state_dict(ckpt["ema"]["shadow"])  # copies, and casts float16 to float32
     except (TypeError, RuntimeError, KeyError, ValueError) as e:
         fail(f"the checkpoint's weights do not fit its model config: {str(e).splitlines()[0]}")
     model.to(device).eval()
+    n = distilled_steps(ckpt)
+    config = {**ckpt["model_config"], "self_cond": False} if n else ckpt["model_config"]
     try:
-        diffusion = make_diffusion(module, model, ckpt["model_config"], p_self_cond=1.0,
-                                   **ckpt["diffusion"]).to(device)
+        diffusion = make_diffusion(module, model, config, p_self_cond=1.0, **ckpt["diffusion"]).to(device)
     except (TypeError, ValueError) as e:
         fail(f"the checkpoint's diffusion settings are not valid: {e}")
+    diffusion.distilled_steps = n
     return model, diffusion, module
 
 
@@ -570,6 +610,11 @@ def sample(diffusion, sampler, shape, steps=50, eta=0.0, y=None, guidance=1.0, g
     """Images in [-1, 1] from the named sampler of a model module's GaussianDiffusion.
     spacing: 'uniform' or 'logsnr' timesteps for ddim and dpm++; None keeps each one's default."""
     kw = dict(y=y, guidance=guidance, generator=generator, noise=noise, progress=progress)
+    n = getattr(diffusion, "distilled_steps", None)
+    if n is not None:  # a student: its own grid, unclipped, as distill.py trained it
+        check_student({"distilled": {"steps": n}}, sampler, steps, eta, spacing)
+        return check_images_finite(diffusion.ddim_sample(shape, steps=n, spacing="distilled",
+                                                         clip_x0=False, **kw))
     if sampler == "ddpm":
         return check_images_finite(diffusion.ddpm_sample(shape, **kw))
     if spacing is not None:

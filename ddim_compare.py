@@ -1,6 +1,7 @@
-"""DDPM, DDIM and DPM-Solver++ at many step counts, from the same initial noise.
+"""DDPM, DDIM and DPM-Solver++ at many step counts, and distilled students, from the same initial noise.
 
 Example: python ddim_compare.py --checkpoint runs/mnist/best.pt --num-samples 500
+         python ddim_compare.py --checkpoint runs/mnist/last.pt --steps 4 50 --student runs/distill/student_4.pt
 
 For each setting it measures wall time, images/s and FID (through evaluate.py), and on a fixed
 subset of the samples (--distance-samples, the first 64 by default) the mean pixel distance to
@@ -29,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, nargs="+", default=[0.0], help="DDIM eta values")
     p.add_argument("--dpm-steps", type=int, nargs="+", default=None,
                    help="DPM-Solver++(2M) step counts (default: 10 20 50, those up to T)")
+    p.add_argument("--student", nargs="+", default=[],
+                   help="distilled students of this model (distill.py's student_N.pt), each a row "
+                        "with its own N steps")
     p.add_argument("--no-ddpm", action="store_true", help="skip DDPM over all T steps")
     p.add_argument("--no-dpm", action="store_true", help="skip DPM-Solver++")
     p.add_argument("--distance-samples", type=int, default=64,
@@ -49,19 +53,41 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def settings(args, T):
-    """(sampler, steps, eta) for every row: DDPM, then DDIM for each eta, then DPM-Solver++."""
-    rows = [] if args.no_ddpm else [("ddpm", T, 1.0)]
+def settings(args, T, students=()):
+    """(sampler, steps, eta, process) for every row: DDPM, then DDIM for each eta, then
+    DPM-Solver++, all of the --checkpoint's process (None); then each student with its own."""
+    rows = [] if args.no_ddpm else [("ddpm", T, 1.0, None)]
     for eta in args.eta:
-        rows += [("ddim", s, eta) for s in sorted(set(args.steps))]
+        rows += [("ddim", s, eta, None) for s in sorted(set(args.steps))]
     if not args.no_dpm:
-        rows += [("dpm++", s, 0.0) for s in sorted(set(args.dpm_steps))]
-    return rows
+        rows += [("dpm++", s, 0.0, None) for s in sorted(set(args.dpm_steps))]
+    return rows + [("student", steps, 0.0, process) for steps, process in students]
 
 
 def name_of(sampler, steps, eta):
-    """ddim_10, ddpm_1000, ddim_10_eta0.5, dpm++_10: also the .npz file name."""
+    """ddim_10, ddpm_1000, ddim_10_eta0.5, dpm++_10, student_4: also the .npz file name."""
     return f"{sampler}_{steps}" + (f"_eta{eta:g}" if sampler == "ddim" and eta != 0 else "")
+
+
+def load_students(paths, ckpt, device):
+    """(N, process) of each distilled student; each must make the --checkpoint's images."""
+    students = []
+    for path in paths:
+        student = common.load_checkpoint(path)
+        n = common.distilled_steps(student)
+        if n is None:
+            common.fail(f"--student {path} is not a distilled student (distill.py writes student_N.pt); "
+                        f"compare a trained model with --checkpoint")
+        for key in ("image_size", "channels", "num_classes"):
+            if student["model_config"].get(key) != ckpt["model_config"].get(key):
+                common.fail(f"--student {path} makes other images than --checkpoint ({key} "
+                            f"{student['model_config'].get(key)} against {ckpt['model_config'].get(key)})")
+        model, process, _ = common.model_from_checkpoint(student, device)
+        model.to(memory_format=torch.channels_last)
+        students.append((n, process))
+    if len({n for n, _ in students}) < len(students):
+        common.fail("give at most one --student per step count, so that each row has one name")
+    return students
 
 
 @torch.no_grad()
@@ -87,6 +113,9 @@ def plot_vs_steps(results, key, ylabel, path, title):
     pts = [(r["steps"], r[key]) for r in results if r["sampler"] == "dpm++" and r[key] is not None]
     if pts:
         ax.plot(*zip(*pts), "^-", color="C3", label="DPM-Solver++(2M)")
+    pts = [(r["steps"], r[key]) for r in results if r["sampler"] == "student" and r[key] is not None]
+    if pts:
+        ax.plot(*zip(*sorted(pts)), "*-", color="C2", ms=12, label="distilled students (distill.py)")
     for r in results:
         if r["sampler"] == "ddpm" and r[key] is not None:
             ax.axhline(r[key], color="k", ls="--", label=f"DDPM, {r['steps']} steps")
@@ -105,6 +134,9 @@ def plot_vs_steps(results, key, ylabel, path, title):
 def main(args):
     device = common.pick_device(args.device)
     ckpt = common.load_checkpoint(args.checkpoint)
+    if common.distilled_steps(ckpt):
+        common.fail(f"{args.checkpoint} is a distilled student, which samples only with its own "
+                    f"steps; give its teacher as --checkpoint and the student as --student")
     model, diffusion, _ = common.model_from_checkpoint(ckpt, device)
     model.to(memory_format=torch.channels_last)
     T = diffusion.num_timesteps
@@ -120,6 +152,7 @@ def main(args):
     if args.distance_samples < 0:
         common.fail(f"--distance-samples must be >= 0, got {args.distance_samples}")
     common.check_finite(eta=args.eta, guidance=args.guidance)
+    students = load_students(args.student, ckpt, device)
     if any(not 0 <= e <= 1 for e in args.eta):
         common.fail(f"--eta values must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {args.eta}")
     common.check_range("num_samples", args.num_samples, 2, common.LIMITS["num_samples"])
@@ -154,9 +187,10 @@ def main(args):
              else torch.arange(shape[0]) % num_classes).to(device)
     guidance = ckpt.get("args", {}).get("guidance", 1.0) if args.guidance is None else args.guidance
 
-    def run(sampler, steps, eta):
+    def run(sampler, steps, eta, process):
         start = time.perf_counter()
-        x = draw(diffusion, sampler, steps, eta, noise, y, guidance, args.batch_size, args.seed)
+        x = draw(process or diffusion, "ddim" if process else sampler, steps, eta, noise, y, guidance,
+                 args.batch_size, args.seed)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return x, time.perf_counter() - start
@@ -165,10 +199,10 @@ def main(args):
     n_ref = min(args.distance_samples, args.num_samples)
     reference = None
     results, grid_rows, grid_labels = [], [], []
-    for sampler, steps, eta in settings(args, T):
+    for sampler, steps, eta, process in settings(args, T, students):
         name = name_of(sampler, steps, eta)
         print(f"{name}: sampling {args.num_samples} images ...")
-        x, seconds = run(sampler, steps, eta)
+        x, seconds = run(sampler, steps, eta, process)
         samples[name] = x
         if sampler == "ddim" and steps == T and eta == 0:
             reference = x[:n_ref]
@@ -183,7 +217,8 @@ def main(args):
                         "eta": eta if sampler == "ddim" else None, "seconds": seconds,
                         "images_per_s": args.num_samples / seconds, "fid": fid})
         grid_rows.append(x[:8])
-        grid_labels.append(f"{common.sampler_label(sampler, steps, eta)}\n{seconds:.1f} s")
+        label = f"student, {steps} steps" if process else common.sampler_label(sampler, steps, eta)
+        grid_labels.append(f"{label}\n{seconds:.1f} s")
     if n_ref and reference is None:  # deterministic DDIM over all T steps: the ODE's solution
         print(f"ddim_{T} on the first {n_ref} samples (reference for the distance column) ...")
         start = time.perf_counter()

@@ -663,8 +663,9 @@ class GaussianDiffusion(nn.Module):
     def ddim_sample(self, shape, steps=50, eta=0.0, y=None, guidance=1.0, generator=None,
                     clip_x0=True, noise=None, return_trajectory=False, progress=False,
                     spacing="uniform"):
-        """DDIM sampling over `steps` timesteps (ddim_timesteps, or logsnr_timesteps with
-        spacing="logsnr"), one ddim_step each: exactly `steps` network calls.
+        """DDIM sampling over `steps` timesteps (ddim_timesteps, logsnr_timesteps with
+        spacing="logsnr", or a distilled student's own grid with spacing="distilled"), one
+        ddim_step each: exactly `steps` network calls.
 
         eta = 0 is deterministic, and is the Euler method for the probability-flow ODE (DDIM
         Sec. 4.3, Eq. 13-14); eta = 1 over all T steps is DDPM. Returns images in [-1, 1].
@@ -798,8 +799,19 @@ def logsnr_timesteps(alphas_cumprod, steps):
     return seq.tolist()
 
 
+def distilled_timesteps(alphas_cumprod, steps):
+    """The step grid of progressive distillation (distill.py; Salimans & Ho 2022, Alg. 2, where
+    step i of N goes from t = i/N to (i - 1)/N): timesteps round(T k / N) - 1 for k = N .. 1,
+    and the last step lands on x0 (k = 0). Every other timestep of the 2N-step grid is one of
+    the N-step grid, so one step of a student covers exactly two of its teacher's."""
+    T = len(alphas_cumprod)
+    if not 1 <= steps <= T:
+        raise ValueError(f"sampling steps must be in [1, {T}], got {steps}")
+    return [(2 * T * k + steps) // (2 * steps) - 1 for k in range(steps, 0, -1)]  # round half up
+
+
 SPACINGS = {"uniform": lambda alphas_cumprod, steps: ddim_timesteps(len(alphas_cumprod), steps),
-            "logsnr": logsnr_timesteps}
+            "logsnr": logsnr_timesteps, "distilled": distilled_timesteps}
 
 
 # ----------------------------------------------------------------------------------------

@@ -553,7 +553,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=common.SAMPLERS, default="ddim",
                    help="ddpm: all T steps; ddim: --steps with --eta; dpm++: DPM-Solver++(2M), "
                         "--steps (20 steps gave DDIM-50's confident share in RESULTS.md)")
-    p.add_argument("--steps", type=int, default=50, help="steps for ddim and dpm++")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps for ddim and dpm++ (default 50; a distilled student's own count)")
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise: 0 deterministic, 1 as much as DDPM (ddim only)")
     p.add_argument("--spacing", choices=["uniform", "logsnr"], default=None,
@@ -617,15 +618,21 @@ def main(args):
         n = args.num_samples if args.num_samples is not None else (50000 if dataset == "cifar10" else 10000)
         if n < 2 or args.batch_size < 1:
             common.fail("--num-samples must be at least 2 and --batch-size at least 1")
+        if args.steps is None:
+            args.steps = common.distilled_steps(ckpt) or 50
         if not 1 <= args.steps <= ckpt["diffusion"]["timesteps"]:
             common.fail(f"--steps must be in [1, {ckpt['diffusion']['timesteps']}]")
+        common.check_student(ckpt, args.sampler, args.steps, args.eta, args.spacing)
         check_feature_network(dataset, args, device)
         start = time.perf_counter()
         images, requested = sample_from_checkpoint(ckpt, n, args.sampler, args.steps,
                                                    args.batch_size, device, args.seed,
                                                    args.guidance, args.eta, spacing=args.spacing)
         steps = ckpt["diffusion"]["timesteps"] if args.sampler == "ddpm" else args.steps
-        sampling = {"sampler": common.sampler_label(args.sampler, steps, args.eta, args.spacing),
+        label = common.sampler_label(args.sampler, steps, args.eta, args.spacing)
+        if common.distilled_steps(ckpt):
+            label = f"distilled student, {steps} steps"
+        sampling = {"sampler": label,
                     "sampling_seconds": time.perf_counter() - start}
         if args.save_npz:
             save_npz(images, args.save_npz)

@@ -161,6 +161,22 @@ def inpaint(diffusion, x0, mask, sampler="ddim", steps=50, eta=0.0, y=None, guid
 
 
 @torch.no_grad()
+def seam_jump(images, mask):
+    """How sharply an image changes across the mask's edge: the mean |difference|, in grey levels
+    of 255, between neighbouring pixels (left-right and up-down) of which one is known and the
+    other filled in. A completion that does not join its known part jumps more than the
+    original image does at the same places. images (N, C, H, W) in [-1, 1], mask (1, 1, H, W)."""
+    x, m = (images.float() + 1) * 127.5, mask.bool()
+    jumps = []
+    for dim in (-1, -2):  # neighbours along x, then along y
+        n = x.shape[dim] - 1
+        a, b = x.narrow(dim, 0, n), x.narrow(dim, 1, n)
+        edge = m.narrow(dim, 0, n) != m.narrow(dim, 1, n)
+        jumps.append((a - b).abs()[edge.expand_as(a)])
+    jumps = torch.cat(jumps)
+    return jumps.mean().item() if len(jumps) else 0.0
+
+
 def sdedit(diffusion, x0, strength, steps=50, eta=0.0, y=None, guidance=1.0, generator=None, noise=None):
     """Noise x0 to t0 = strength (T - 1) with Eq. 4, then DDIM down to x0 in about strength x
     `steps` steps. strength 0: x0 itself. The noise of Eq. 4 is `noise` when given."""
@@ -200,6 +216,7 @@ def check_args(args, T):
 def main(args):
     device = common.pick_device(args.device)
     ckpt = common.load_checkpoint(args.checkpoint)
+    common.refuse_student(ckpt, args.checkpoint, "puts the known pixels back at every step of its own loop")
     cfg = ckpt["model_config"]
     T = ckpt["diffusion"]["timesteps"]
     check_args(args, T)
@@ -254,6 +271,9 @@ def main(args):
                                  f"{common.sampler_label(args.sampler, args.steps if args.sampler == 'ddim' else T, args.eta)}"
                                  + (f", RePaint x{args.resample}" if args.resample > 1 else ""))
         written = "inpaint.png"
+        seam = {"completions": seam_jump(out, mask), "originals": seam_jump(x0, mask)}
+        print(f"across the mask's edge neighbouring pixels differ by {seam['completions']:.1f} grey "
+              f"levels in the completions, {seam['originals']:.1f} in the originals (seam_jump)")
     else:
         noise = diffusion._randn(x0.shape, g, device)  # the same noise at every strength
         outs = [sdedit(diffusion, x0, s, args.steps, args.eta, y, guidance, g, noise).cpu() for s in args.strengths]
@@ -271,6 +291,8 @@ def main(args):
                  originals=images.permute(0, 2, 3, 1).numpy(),
                  mask=(mask[0, 0].numpy() > 0) if mask is not None else np.zeros(0, bool))
     report = {"images": out, "seconds": seconds}
+    if args.mode == "inpaint":
+        report["seam"] = seam
     if clf is not None and args.mode == "inpaint":
         import evaluate
         _, probs = evaluate.classify(clf, common.to_uint8(out).permute(0, 2, 3, 1).numpy(), device)

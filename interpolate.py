@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="a checkpoint from either training script")
     p.add_argument("--mode", choices=["noise", "images", "classes", "all"], default="all", help="which experiment (all: noise, images, and classes if conditional)")
     p.add_argument("--frames", type=int, default=9, help="points along each path, ends included")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps for decoding and inversion")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps for decoding and inversion (default 50; a distilled student's own count)")
     p.add_argument("--sampler", choices=["ddim", "dpm++"], default="ddim",
                    help="the deterministic decoder of modes noise and classes: DDIM (eta 0) or "
                         "DPM-Solver++ (try --steps 15); mode images always uses DDIM, whose "
@@ -172,6 +173,12 @@ def main(args):
         common.fail("--frames must be at least 2")
     common.check_range("frames", args.frames, 2, common.LIMITS["frames"])
     ckpt = common.load_checkpoint(args.checkpoint)
+    if args.steps is None:
+        args.steps = common.distilled_steps(ckpt) or 50
+    if common.distilled_steps(ckpt):  # a student decodes with its own steps, and cannot invert
+        if args.mode == "images":
+            common.refuse_student(ckpt, args.checkpoint, "inverts images with DDIM (mode images)")
+        common.check_student(ckpt, args.sampler, args.steps)
     model, diffusion, module = common.model_from_checkpoint(ckpt, device)
     if not 1 <= args.steps <= diffusion.num_timesteps:
         common.fail(f"--steps must be in [1, {diffusion.num_timesteps}]")
@@ -185,6 +192,9 @@ def main(args):
     y = torch.tensor([args.classes[0]], device=device) if cfg.get("num_classes") else None
     modes = ["noise", "images"] + (["classes"] if cfg.get("num_classes") else []) \
         if args.mode == "all" else [args.mode]
+    if common.distilled_steps(ckpt) and "images" in modes:
+        print("note: mode images skipped: a distilled student cannot invert images; its teacher can")
+        modes.remove("images")
     data = load_images(args, ckpt) if "images" in modes else None  # before any mode writes
     report = {}
     with torch.no_grad():

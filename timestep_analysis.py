@@ -382,6 +382,8 @@ def main(args):
             common.fail(f"--{name.replace('_', '-')} must be at least 1")
     out_dir = common.check_writable_dir(args.out_dir)
     ckpt = common.load_checkpoint(args.checkpoint) if args.checkpoint else None
+    if ckpt:
+        common.refuse_student(ckpt, args.checkpoint, "asks the model at every timestep")
     cfg = ckpt["model_config"] if ckpt else {"image_size": 28, "channels": 1}
     dataset = args.dataset or (ckpt.get("args", {}).get("dataset", "mnist") if ckpt else "mnist")
     split = "test" if dataset in ("mnist", "fashion-mnist", "cifar10") else "train"

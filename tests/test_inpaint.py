@@ -143,3 +143,15 @@ def test_a_conditional_model_fills_in_with_guidance_and_the_completions_are_scor
         inpaint.main(inpaint.parse_args(["--checkpoint", str(tiny_runs / "c" / "last.pt"), "--image", "x.png",
                                          "--steps", "4", "--classifier", str(tiny_runs / "clf.pt"),
                                          "--out-dir", str(tmp_path / "p")]))
+
+
+def test_seam_jump_measures_the_change_across_the_edge_of_the_mask():
+    mask = inpaint.make_mask("right", 8)  # known: the left half
+    flat = torch.zeros(2, 1, 8, 8)
+    assert inpaint.seam_jump(flat, mask) == 0
+    step = flat.clone()
+    step[..., 4:] = 1.0  # 127.5 grey levels up where the filled half starts, nothing elsewhere
+    assert inpaint.seam_jump(step, mask) == pytest.approx(127.5)
+    inside = flat.clone()
+    inside[..., 6:] = 1.0  # a jump inside the filled half is no seam
+    assert inpaint.seam_jump(inside, mask) == 0
