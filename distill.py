@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--student-steps", type=int, default=4,
                    help="the last student's steps: rounds halve --teacher-steps down to this")
     p.add_argument("--round-minutes", type=float, default=None,
-                   help="wall-clock budget of each round, minutes (default 4, unless --round-steps is given)")
+                   help="wall-clock budget of each round, minutes (default 5, unless --round-steps is given)")
     p.add_argument("--round-steps", type=int, default=None,
                    help="optimizer steps per round; with both budgets, a round ends at the first")
     p.add_argument("--batch-size", type=int, default=64, help="images per optimizer step")
@@ -354,10 +354,13 @@ def main(args):
         saved = argparse.Namespace(**{**state["args"], "resume": args.resume, "device": args.device})
         saved.out_dir = args.out_dir or str(Path(args.resume).parent)
         args = saved
+        r = state["round"]
+        print(f"resuming round {r['teacher_steps']} -> {r['student_steps']} at step {state['step']}, "
+              f"with the run's own settings (only --device and --out-dir can change)")
     elif args.teacher is None:
         fail("give --teacher CHECKPOINT (or --resume a distill_state.pt)")
     if args.round_minutes is None and args.round_steps is None:
-        args.round_minutes = 4.0
+        args.round_minutes = 5.0
     check_args(args)
     if args.out_dir is None:
         args.out_dir = "runs/distill"
