@@ -234,7 +234,8 @@ def main(args):
         grid_rows, grid_labels, out_dir / "comparison_grid.png",
         f"The same initial noise in every row, {device.type} seconds for {args.num_samples} images. "
         f"DDIM (eta 0) and DPM-Solver++ solve one ODE\nand converge to the same images; DDPM and "
-        f"DDIM with eta > 0 add fresh noise at every step, so their images differ.")
+        f"DDIM with eta > 0 add fresh noise at every step, so their images differ."
+        + ("\nA distilled student follows its teacher's DDIM map in its own few steps." if students else ""))
     if not args.no_fid:
         plot_vs_steps(results, "fid", "FID (lower is better)", out_dir / "quality_vs_steps.png",
                       "Sample quality against sampling steps")
