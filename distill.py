@@ -201,72 +201,83 @@ class Distiller:
             y = self.module.drop_labels(self.labels[pick], self.p_uncond, self.gen).to(self.device)
         return x0, y
 
-    def run_round(self, teacher_steps, student_steps, teacher_weights, teacher_distilled, resume=None):
-        """Train one student for the round's budget; returns its EMA weights."""
-        from tqdm.auto import tqdm
-        args = self.args
+    def start_round(self, teacher_steps, student_steps, teacher_weights, teacher_distilled, resume=None):
+        """The round's teacher, its student (a copy of it: theta <- eta), EMA, optimizer and step
+        grids, restored from `resume` when given. Returns them as one namespace."""
         _, teacher = self.processes(teacher_weights, teacher_distilled)
         teacher.requires_grad_(False)
-        student_model, student = self.processes(teacher_weights, True)  # theta <- eta
-        student_model.train()
-        ema = self.module.EMA(student_model, args.ema_decay)
-        opt = torch.optim.AdamW(student_model.parameters(), lr=args.lr, weight_decay=0.0)
-        step, elapsed_before = 0, 0.0
+        model, student = self.processes(teacher_weights, True)
+        model.train()
+        r = argparse.Namespace(
+            teacher_steps=teacher_steps, student_steps=student_steps, teacher_weights=teacher_weights,
+            teacher_distilled=teacher_distilled, teacher=teacher, student=student, model=model,
+            ema=self.module.EMA(model, self.args.ema_decay),
+            opt=torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=0.0),
+            step=0, elapsed_before=0.0)
+        # the student's grid, ending on x0 (-1), and the teacher's steps in between
+        abar = student.alphas_cumprod_f64
+        r.grid = torch.tensor(self.module.distilled_timesteps(abar, student_steps) + [-1], device=self.device)
+        r.mid = torch.tensor(self.module.distilled_timesteps(abar, teacher_steps)[1::2], device=self.device)
         if resume is not None:
-            student_model.load_state_dict(resume["student"])
-            ema.load_state_dict(resume["ema"])
-            opt.load_state_dict(resume["optimizer"])
-            step, elapsed_before = resume["step"], resume["elapsed_s"]
+            model.load_state_dict(resume["student"])
+            r.ema.load_state_dict(resume["ema"])
+            r.opt.load_state_dict(resume["optimizer"])
+            r.step, r.elapsed_before = resume["step"], resume["elapsed_s"]
             self.gen.set_state(resume["rng"]["gen"])
             torch.set_rng_state(resume["rng"]["torch"])
         else:  # a round starts: what a crash would resume from
-            self.save_state(teacher_steps, student_steps, teacher_weights, teacher_distilled,
-                            student_model, ema, opt, 0, 0.0)
-        # the student's grid, ending on x0 (-1), and the teacher's steps in between
-        grid = self.module.distilled_timesteps(student.alphas_cumprod_f64, student_steps) + [-1]
-        mid = self.module.distilled_timesteps(student.alphas_cumprod_f64, teacher_steps)[1::2]
-        grid_t = torch.tensor(grid, device=self.device)
-        mid_t = torch.tensor(mid, device=self.device)
+            self.save_state(r, 0.0)
+        return r
+
+    def train_step(self, r, progress):
+        """Alg. 2 on one batch (x, the student's step i, eps), then AdamW and the EMA."""
+        x0, y = self.batch()
+        i = torch.randint(r.student_steps, (len(x0),), generator=self.gen).to(self.device)
+        noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = distillation_loss(r.student, r.teacher, x0, y, i, r.grid, r.mid,
+                                     not r.teacher_distilled, noise)
+        r.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), self.args.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            fail(f"the loss became {loss.item()} at step {r.step} of round {r.teacher_steps} -> "
+                 f"{r.student_steps}: distillation diverged; try a lower --lr")
+        for group in r.opt.param_groups:
+            group["lr"] = self.args.lr * (1 - progress)  # linear decay to 0 over the round
+        r.opt.step()
+        r.ema.update(r.model)
+        r.step += 1
+        return loss.item()
+
+    def run_round(self, teacher_steps, student_steps, teacher_weights, teacher_distilled, resume=None):
+        """Train one student for the round's budget. Returns its EMA weights, the optimizer
+        steps, the minutes and the smoothed final loss."""
+        from tqdm.auto import tqdm
+        args = self.args
+        r = self.start_round(teacher_steps, student_steps, teacher_weights, teacher_distilled, resume)
         budget_s = args.round_minutes * 60 if args.round_minutes else math.inf
         start = time.time()
-        bar = tqdm(total=args.round_steps, initial=step, desc=f"round {teacher_steps} -> {student_steps} steps",
-                   dynamic_ncols=True)
+        bar = tqdm(total=args.round_steps, initial=r.step, dynamic_ncols=True,
+                   desc=f"round {teacher_steps} -> {student_steps} steps")
         smoothed = None
         while True:
-            elapsed = elapsed_before + time.time() - start
+            elapsed = r.elapsed_before + time.time() - start
             # the round's progress in [0, 1], by steps if they are the budget (exact on resume)
-            progress = step / args.round_steps if args.round_steps else elapsed / budget_s
+            progress = r.step / args.round_steps if args.round_steps else elapsed / budget_s
             if progress >= 1 or elapsed >= budget_s:
                 break
             if self.stop_requests:
-                self.save_state(teacher_steps, student_steps, teacher_weights, teacher_distilled,
-                                student_model, ema, opt, step, elapsed)
+                self.save_state(r, elapsed)
                 bar.close()
                 print(f"interrupted; continue with --resume {self.out_dir / STATE_FILE}")
                 raise SystemExit(130)
-            x0, y = self.batch()
-            i = torch.randint(student_steps, (len(x0),), generator=self.gen).to(self.device)
-            noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = distillation_loss(student, teacher, x0, y, i, grid_t, mid_t,
-                                         not teacher_distilled, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(student_model.parameters(), args.grad_clip)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                fail(f"the loss became {loss.item()} at step {step} of round {teacher_steps} -> "
-                     f"{student_steps}: distillation diverged; try a lower --lr")
-            for group in opt.param_groups:
-                group["lr"] = args.lr * (1 - progress)  # linear decay to 0 over the round
-            opt.step()
-            ema.update(student_model)
-            step += 1
-            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+            loss = self.train_step(r, progress)
+            smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
             bar.update(1)
             bar.set_postfix(loss=f"{smoothed:.4f}")
         bar.close()
-        minutes = (elapsed_before + time.time() - start) / 60
-        return ema.shadow, step, minutes, smoothed
+        return r.ema.shadow, r.step, (r.elapsed_before + time.time() - start) / 60, smoothed
 
     # -- files -----------------------------------------------------------------------------
 
@@ -283,14 +294,14 @@ class Distiller:
             path)
         return path
 
-    def save_state(self, teacher_steps, student_steps, teacher_weights, teacher_distilled, model, ema,
-                   opt, step, elapsed):
+    def save_state(self, r, elapsed):
+        """distill_state.pt: the round in progress, with everything --resume needs."""
         common.save_checkpoint(
             {"kind": "distill_state", "first_teacher": self.first, "args": plain(self.args),
-             "round": {"teacher_steps": teacher_steps, "student_steps": student_steps,
-                       "teacher_distilled": teacher_distilled},
-             "teacher": teacher_weights, "student": model.state_dict(), "ema": ema.state_dict(),
-             "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed,
+             "round": {"teacher_steps": r.teacher_steps, "student_steps": r.student_steps,
+                       "teacher_distilled": r.teacher_distilled},
+             "teacher": r.teacher_weights, "student": r.model.state_dict(), "ema": r.ema.state_dict(),
+             "optimizer": r.opt.state_dict(), "step": r.step, "elapsed_s": elapsed,
              "rng": {"gen": self.gen.get_state(), "torch": torch.get_rng_state()},
              "history": self.history, "pictures": self.pictures},
             self.out_dir / STATE_FILE)
