@@ -533,10 +533,10 @@ def distilled_steps(ckpt):
     return ckpt["distilled"]["steps"] if "distilled" in ckpt else None
 
 
-def check_student(ckpt, sampler, steps, eta=0.0, spacing=None):
-    """A distilled student learned one thing: its own N DDIM steps (eta 0) on the grid of
-    diffusion.distilled_timesteps. Any other sampler or step count is refused before any work."""
-    n = distilled_steps(ckpt)
+def check_student(n, sampler, steps, eta=0.0, spacing=None):
+    """A distilled student (n: its step count, distilled_steps; None for any other model) learned
+    one thing: its own n DDIM steps (eta 0) on the grid of diffusion.distilled_timesteps. Any
+    other sampler or step count is refused before any work."""
     if n is not None and (sampler != "ddim" or steps != n or eta != 0 or spacing not in (None, "distilled")):
         fail(f"this checkpoint is a {n}-step student of progressive distillation (distill.py): it "
              f"samples only with its own {n} DDIM steps (--sampler ddim --steps {n}, eta 0), not "
@@ -612,7 +612,7 @@ def sample(diffusion, sampler, shape, steps=50, eta=0.0, y=None, guidance=1.0, g
     kw = dict(y=y, guidance=guidance, generator=generator, noise=noise, progress=progress)
     n = getattr(diffusion, "distilled_steps", None)
     if n is not None:  # a student: its own grid, unclipped, as distill.py trained it
-        check_student({"distilled": {"steps": n}}, sampler, steps, eta, spacing)
+        check_student(n, sampler, steps, eta, spacing)
         return check_images_finite(diffusion.ddim_sample(shape, steps=n, spacing="distilled",
                                                          clip_x0=False, **kw))
     if sampler == "ddpm":

@@ -176,12 +176,13 @@ class Distiller:
         first["path"] = str(path)
         return first
 
-    def processes(self, weights, distilled):
-        """(network, its process) from EMA weights; a student's sees no x0 estimate."""
+    def processes(self, weights, student_steps=None):
+        """(network, its process) from EMA weights, built as common.model_from_checkpoint builds
+        a checkpoint's; with student_steps, a student's: no x0 estimate, its own grid."""
         ckpt = {**{k: self.first[k] for k in ("kind", "model_config", "diffusion")},
                 "ema": {"shadow": weights}}
-        if distilled:
-            ckpt["distilled"] = {"steps": 1}
+        if student_steps is not None:
+            ckpt["distilled"] = {"steps": student_steps}
         model, diffusion, _ = common.model_from_checkpoint(ckpt, self.device)
         return model, diffusion
 
@@ -204,9 +205,9 @@ class Distiller:
     def start_round(self, teacher_steps, student_steps, teacher_weights, teacher_distilled, resume=None):
         """The round's teacher, its student (a copy of it: theta <- eta), EMA, optimizer and step
         grids, restored from `resume` when given. Returns them as one namespace."""
-        _, teacher = self.processes(teacher_weights, teacher_distilled)
+        _, teacher = self.processes(teacher_weights, teacher_steps if teacher_distilled else None)
         teacher.requires_grad_(False)
-        model, student = self.processes(teacher_weights, True)
+        model, student = self.processes(teacher_weights, student_steps)
         model.train()
         r = argparse.Namespace(
             teacher_steps=teacher_steps, student_steps=student_steps, teacher_weights=teacher_weights,
@@ -308,14 +309,11 @@ class Distiller:
 
     @torch.no_grad()
     def picture(self, weights, steps, distilled, label):
-        """The same 8 noises, sampled with `steps` steps: one row of distill_rounds.png."""
-        _, diffusion = self.processes(weights, distilled)
-        if distilled:
-            x = diffusion.ddim_sample(self.picture_noise.shape, steps=steps, spacing="distilled",
-                                      clip_x0=False, noise=self.picture_noise.to(self.device))
-        else:
-            x = diffusion.ddim_sample(self.picture_noise.shape, steps=steps,
-                                      noise=self.picture_noise.to(self.device))
+        """The same 8 noises, sampled with `steps` steps (a student's: its own grid): one row of
+        distill_rounds.png."""
+        _, diffusion = self.processes(weights, steps if distilled else None)
+        x = common.sample(diffusion, "ddim", self.picture_noise.shape, steps,
+                          noise=self.picture_noise.to(self.device))
         self.pictures[label] = common.to_uint8(x).cpu()
         common.image_rows_figure([common.to_model_range(v) for v in self.pictures.values()],
                                  list(self.pictures), self.out_dir / "distill_rounds.png",

@@ -622,7 +622,7 @@ def main(args):
             args.steps = common.distilled_steps(ckpt) or 50
         if not 1 <= args.steps <= ckpt["diffusion"]["timesteps"]:
             common.fail(f"--steps must be in [1, {ckpt['diffusion']['timesteps']}]")
-        common.check_student(ckpt, args.sampler, args.steps, args.eta, args.spacing)
+        common.check_student(common.distilled_steps(ckpt), args.sampler, args.steps, args.eta, args.spacing)
         check_feature_network(dataset, args, device)
         start = time.perf_counter()
         images, requested = sample_from_checkpoint(ckpt, n, args.sampler, args.steps,

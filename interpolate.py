@@ -178,7 +178,7 @@ def main(args):
     if common.distilled_steps(ckpt):  # a student decodes with its own steps, and cannot invert
         if args.mode == "images":
             common.refuse_student(ckpt, args.checkpoint, "inverts images with DDIM (mode images)")
-        common.check_student(ckpt, args.sampler, args.steps)
+        common.check_student(common.distilled_steps(ckpt), args.sampler, args.steps)
     model, diffusion, module = common.model_from_checkpoint(ckpt, device)
     if not 1 <= args.steps <= diffusion.num_timesteps:
         common.fail(f"--steps must be in [1, {diffusion.num_timesteps}]")
