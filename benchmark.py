@@ -338,7 +338,8 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=3, help="optimizer steps per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is reported")
     p.add_argument("--models", nargs="+", default=None,
-                   help="which models: mnist, cifar-ddpm, cifar-small, cifar-tiny (default: all)")
+                   help="which models: mnist, or cifar-<preset> for each preset of diffusion_cifar.py "
+                        "(cifar-ddpm, cifar-small, cifar-cpu, cifar-tiny) (default: all)")
     p.add_argument("--no-sampling", action="store_true", help="time training and forward only")
     p.add_argument("--ddpm-probe", type=int, default=20,
                    help="DDPM steps actually timed; the figure is scaled to 1000 steps")

@@ -245,7 +245,7 @@ PRESETS = {
     # the DDPM paper's CIFAR-10 network (Appendix B): 35.7M parameters
     "ddpm": dict(image_size=32, channels=3, base_channels=128, channel_mult=(1, 2, 2, 2),
                  num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),
-    # the default: the same layout at half width and three levels, trainable on a laptop
+    # the same layout at half width and three levels
     "small": dict(image_size=32, channels=3, base_channels=64, channel_mult=(1, 2, 2),
                   num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),
     # the CPU recipe's network (train_diffusion_cifar.py --recipe cpu): four levels down to
@@ -808,4 +808,4 @@ SPACINGS = {"uniform": lambda alphas_cumprod, steps: ddim_timesteps(len(alphas_c
 
 
 if __name__ == "__main__":
-    describe(DiffusionModel(**PRESETS["small"]))  # the default CIFAR-10 network
+    describe(DiffusionModel(**PRESETS["cpu"]))  # the default recipe's network

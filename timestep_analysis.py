@@ -439,7 +439,9 @@ def main(args):
                     f"(prior {(vlb['prior'].mean() / dims_ln2).item():.2e}, decoder "
                     f"{(vlb['decoder'].mean() / dims_ln2).item():.3f})")
         report["vlb"] = {"bits_per_dim": vlb["bits_per_dim"].mean().item(),
-                         "bits_per_dim_std_err": (vlb["bits_per_dim"].std() / math.sqrt(len(xv))).item(),
+                         # the standard error needs two images at least
+                         "bits_per_dim_std_err": ((vlb["bits_per_dim"].std() / math.sqrt(len(xv))).item()
+                                                  if len(xv) > 1 else None),
                          "prior_bpd": (vlb["prior"].mean() / dims_ln2).item(),
                          "decoder_bpd": (vlb["decoder"].mean() / dims_ln2).item(),
                          "kl_sum_bpd": float(kl_bpd.sum() * args.vlb_stride),
@@ -464,7 +466,8 @@ def main(args):
         report["optimizer_steps"] = steps
         written.append("optimizer_steps.png")
         v = report["vlb"]
-        print(f"NLL bound: {v['bits_per_dim']:.3f} +- {v['bits_per_dim_std_err']:.3f} bits/dim "
+        spread = f" +- {v['bits_per_dim_std_err']:.3f}" if v["bits_per_dim_std_err"] is not None else ""
+        print(f"NLL bound: {v['bits_per_dim']:.3f}{spread} bits/dim "
               f"(prior {v['prior_bpd']:.2e}, KL terms {v['kl_sum_bpd']:.3f}, decoder {v['decoder_bpd']:.3f})")
         hardest = max(report["loss_per_timestep"].items(), key=lambda kv: kv[1])
         print(f"loss per timestep: highest {hardest[1]:.4f} at t={hardest[0]}, "

@@ -70,15 +70,31 @@ def test_export_keeps_the_ema_weights_in_float16_and_measures_the_change(tiny_ru
     assert not (tmp_path / "t.pt").exists()
 
 
-def test_the_sampling_scripts_take_the_shipped_mnist_model(tiny_runs, tmp_path):
+@pytest.fixture(scope="module")
+def cifar_data(tmp_path_factory):
+    """Tiny CIFAR-10 image folders and a classifier of them, for the shipped CIFAR-10 model."""
+    import evaluate
+    from helpers import write_cifar10_jpeg
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10_jpeg(root / "data", n_train=4, n_test=2)
+    evaluate.main(evaluate.parse_args(["train-classifier", "--dataset", "cifar10", "--data-dir", str(root / "data"),
+                                       "--epochs", "1", "--out", str(root / "clf.pt"), "--device", "cpu"]))
+    return root
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_the_sampling_scripts_take_each_shipped_model(path, request, tmp_path):
     import ddim_compare
     import evaluate
     import inpaint
     import interpolate
-    ckpt, data = str(PRETRAINED / "mnist.pt"), str(tiny_runs / "data")
+    import timestep_analysis
+    kind = common.load_checkpoint(path)["kind"]
+    runs = request.getfixturevalue("tiny_runs" if kind == "mnist" else "cifar_data")
+    ckpt, data = str(path), str(runs / "data")
     report = evaluate.main(evaluate.parse_args(
         ["--checkpoint", ckpt, "--num-samples", "4", "--steps", "2", "--data-dir", data,
-         "--classifier", str(tiny_runs / "clf.pt"), "--device", "cpu"]))
+         "--features", "classifier", "--classifier", str(runs / "clf.pt"), "--device", "cpu"]))
     assert report["num_samples"] == 4
     rows = ddim_compare.main(ddim_compare.parse_args(
         ["--checkpoint", ckpt, "--steps", "2", "--no-ddpm", "--no-dpm", "--num-samples", "2",
@@ -90,4 +106,9 @@ def test_the_sampling_scripts_take_the_shipped_mnist_model(tiny_runs, tmp_path):
     inpaint.main(inpaint.parse_args(
         ["--checkpoint", ckpt, "--count", "1", "--samples", "1", "--steps", "2", "--data-dir", data,
          "--device", "cpu", "--out-dir", str(tmp_path / "p")]))
+    timestep_analysis.main(timestep_analysis.parse_args(
+        ["--checkpoint", ckpt, "--loss-images", "2", "--loss-points", "3", "--vlb-images", "1",
+         "--vlb-stride", "250", "--trajectory-sampler", "ddim", "--trajectory-samples", "1",
+         "--snapshots", "2", "--data-dir", data, "--device", "cpu", "--out-dir", str(tmp_path / "t")]))
     assert (tmp_path / "i" / "noise_interpolation.png").is_file() and any((tmp_path / "p").glob("*.png"))
+    assert (tmp_path / "t" / "trajectory.png").is_file()
