@@ -13,8 +13,8 @@ PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 SHIPPED = sorted(PRETRAINED.glob("*.pt"))
 
 
-def test_the_mnist_model_is_shipped():
-    assert PRETRAINED / "mnist.pt" in SHIPPED
+def test_a_model_of_each_data_set_is_shipped():
+    assert [p.name for p in SHIPPED] == ["cifar10.pt", "mnist.pt"]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
