@@ -27,6 +27,7 @@ import torch
 
 import common
 import diffusion
+import diffusion_cifar
 import train_diffusion
 import train_diffusion_cifar
 import optimizers
@@ -128,7 +129,6 @@ def with_peak_memory(fn, device):
 
 def models(args):
     """(name, module, model config, schedule) for every model to measure."""
-    import diffusion_cifar
     # the MNIST network as train_diffusion.py builds it by default (self-conditioned)
     out = [("mnist", diffusion, diffusion.DiffusionModel(self_cond=True).config, "cosine")]
     for preset in diffusion_cifar.PRESETS:
@@ -338,8 +338,8 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=3, help="optimizer steps per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is reported")
     p.add_argument("--models", nargs="+", default=None,
-                   help="which models: mnist, or cifar-<preset> for each preset of diffusion_cifar.py "
-                        "(cifar-ddpm, cifar-small, cifar-cpu, cifar-tiny) (default: all)")
+                   help="which models: mnist, or cifar-<preset> for each preset of diffusion_cifar.py: "
+                        + ", ".join(f"cifar-{name}" for name in diffusion_cifar.PRESETS) + " (default: all)")
     p.add_argument("--no-sampling", action="store_true", help="time training and forward only")
     p.add_argument("--ddpm-probe", type=int, default=20,
                    help="DDPM steps actually timed; the figure is scaled to 1000 steps")

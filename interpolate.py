@@ -175,10 +175,11 @@ def main(args):
     ckpt = common.load_checkpoint(args.checkpoint)
     if args.steps is None:
         args.steps = common.distilled_steps(ckpt) or 50
-    if common.distilled_steps(ckpt):  # a student decodes with its own steps, and cannot invert
+    student_steps = common.distilled_steps(ckpt)
+    if student_steps:  # a student decodes with its own steps, and cannot invert
         if args.mode == "images":
             common.refuse_student(ckpt, args.checkpoint, "inverts images with DDIM (mode images)")
-        common.check_student(common.distilled_steps(ckpt), args.sampler, args.steps)
+        common.check_student(student_steps, args.sampler, args.steps)
     model, diffusion, module = common.model_from_checkpoint(ckpt, device)
     if not 1 <= args.steps <= diffusion.num_timesteps:
         common.fail(f"--steps must be in [1, {diffusion.num_timesteps}]")
