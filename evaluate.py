@@ -618,11 +618,12 @@ def main(args):
         n = args.num_samples if args.num_samples is not None else (50000 if dataset == "cifar10" else 10000)
         if n < 2 or args.batch_size < 1:
             common.fail("--num-samples must be at least 2 and --batch-size at least 1")
+        student_steps = common.distilled_steps(ckpt)
         if args.steps is None:
-            args.steps = common.distilled_steps(ckpt) or 50
+            args.steps = student_steps or 50
         if not 1 <= args.steps <= ckpt["diffusion"]["timesteps"]:
             common.fail(f"--steps must be in [1, {ckpt['diffusion']['timesteps']}]")
-        common.check_student(common.distilled_steps(ckpt), args.sampler, args.steps, args.eta, args.spacing)
+        common.check_student(student_steps, args.sampler, args.steps, args.eta, args.spacing)
         check_feature_network(dataset, args, device)
         start = time.perf_counter()
         images, requested = sample_from_checkpoint(ckpt, n, args.sampler, args.steps,
@@ -630,7 +631,7 @@ def main(args):
                                                    args.guidance, args.eta, spacing=args.spacing)
         steps = ckpt["diffusion"]["timesteps"] if args.sampler == "ddpm" else args.steps
         label = common.sampler_label(args.sampler, steps, args.eta, args.spacing)
-        if common.distilled_steps(ckpt):
+        if student_steps:
             label = f"distilled student, {steps} steps"
         sampling = {"sampler": label,
                     "sampling_seconds": time.perf_counter() - start}

@@ -173,9 +173,9 @@ def main(args):
         common.fail("--frames must be at least 2")
     common.check_range("frames", args.frames, 2, common.LIMITS["frames"])
     ckpt = common.load_checkpoint(args.checkpoint)
-    if args.steps is None:
-        args.steps = common.distilled_steps(ckpt) or 50
     student_steps = common.distilled_steps(ckpt)
+    if args.steps is None:
+        args.steps = student_steps or 50
     if student_steps:  # a student decodes with its own steps, and cannot invert
         if args.mode == "images":
             common.refuse_student(ckpt, args.checkpoint, "inverts images with DDIM (mode images)")
@@ -193,7 +193,7 @@ def main(args):
     y = torch.tensor([args.classes[0]], device=device) if cfg.get("num_classes") else None
     modes = ["noise", "images"] + (["classes"] if cfg.get("num_classes") else []) \
         if args.mode == "all" else [args.mode]
-    if common.distilled_steps(ckpt) and "images" in modes:
+    if student_steps and "images" in modes:
         print("note: mode images skipped: a distilled student cannot invert images; its teacher can")
         modes.remove("images")
     data = load_images(args, ckpt) if "images" in modes else None  # before any mode writes
