@@ -117,6 +117,11 @@ def add_training_args(p, kind):
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--seed", type=common.seed_arg, default=0, help="random seed")
     a("--resume", default=None, help="continue from this last.pt (or best.pt)")
+    a("--init-from", default=None,
+      help="start a new run from this model's weights (a checkpoint or a pretrained/ file): "
+           "fine-tuning. The network and its process come from it; the optimizer, counters and "
+           "every other setting start afresh. With --class-cond an unconditional model gains a "
+           "class embedding that starts at zero, so the run starts from exactly that model")
 
 
 def check_training_args(args):
@@ -193,6 +198,36 @@ def check_stored_types(stored, current, state, path):
             if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)]
     if bad:
         fail(f"{path} is damaged: its {', '.join(bad)} have the wrong type; it cannot be resumed")
+
+
+# Settings a run started with --init-from takes from that model: its network and its process
+NETWORK_ARGS = ("preset", "image_size", "hidden_dims", "time_dim", "self_cond")
+PROCESS_ARGS = ("timesteps", "schedule", "prediction")
+
+
+def load_init(args, kind):
+    """--init-from: read the model a new run starts from, and take its network and process
+    settings into args (a flag that contradicts them is refused). Returns the checkpoint, or
+    None without --init-from."""
+    if not args.init_from or (args.resume and "init_from" not in args.explicit):
+        return None  # a resumed run has its weights already, from its own checkpoint
+    if args.resume:
+        fail("--init-from starts a new run from a model's weights and --resume continues a run; "
+             "give one of them")
+    init = common.load_checkpoint(args.init_from, kind)
+    if common.distilled_steps(init):
+        fail(f"{args.init_from} is a distilled student (distill.py); start from its teacher instead")
+    taken = {k: init["diffusion"][k] for k in PROCESS_ARGS}
+    taken.update({k: init["args"][k] for k in NETWORK_ARGS if k in init["args"] and hasattr(args, k)})
+    clash = {k: v for k, v in taken.items() if k in args.explicit and getattr(args, k) != v}
+    if clash:
+        fail(f"{args.init_from} has " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in clash.items())
+             + ": a run started from it keeps its network and process; drop the flag(s) that differ")
+    for k, v in taken.items():
+        setattr(args, k, v)
+    if init["model_config"].get("num_classes"):
+        args.class_cond = True  # a class-conditional network is trained with labels
+    return init
 
 
 def prepare_args(args, kind):

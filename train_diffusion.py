@@ -82,8 +82,9 @@ def check_network(args):
 
 def main(args):
     args, ckpt = train_args.prepare_args(args, "mnist")
-    if ckpt is not None:
-        model_config = ckpt["model_config"]
+    init = train_args.load_init(args, "mnist")
+    if ckpt is not None or init is not None:
+        model_config = dict((ckpt or init)["model_config"])
     else:
         check_network(args)
         model_config = dict(image_size=args.image_size, channels=1, hidden_dims=list(args.hidden_dims),
@@ -91,7 +92,7 @@ def main(args):
     data = common.load_dataset(args.dataset, args.data_dir, model_config["image_size"], channels=1)
     if args.class_cond and model_config["num_classes"] is None and ckpt is None:
         model_config["num_classes"] = data.num_classes
-    return training.train(args, "mnist", diffusion, model_config, data, ckpt=ckpt)
+    return training.train(args, "mnist", diffusion, model_config, data, ckpt=ckpt, init=init)
 
 
 if __name__ == "__main__":

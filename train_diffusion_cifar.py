@@ -54,26 +54,30 @@ def random_hflip(x, generator=None):
 
 def main(args):
     args, ckpt = train_args.prepare_args(args, "cifar")
+    init = train_args.load_init(args, "cifar")
     if ckpt is not None:
         model_config = ckpt["model_config"]
+    elif init is not None:  # fine-tuning: the network of --init-from
+        model_config = dict(init["model_config"])
     else:
         model_config = dict(diffusion_cifar.PRESETS[args.preset], image_size=args.image_size)
         model_config["channel_mult"] = list(model_config["channel_mult"])
         model_config["attn_resolutions"] = list(model_config["attn_resolutions"])
-        if args.dropout is not None:
-            if not 0 <= args.dropout < 1:  # NaN fails this too
-                common.fail(f"--dropout must be in [0, 1), got {args.dropout}")
-            model_config["dropout"] = args.dropout
         levels = len(model_config["channel_mult"])
         common.check_range("image_size", args.image_size, 4, common.LIMITS["image_size"])
         if args.image_size < 4 or args.image_size % 2 ** (levels - 1):
             common.fail(f"--image-size {args.image_size} must be divisible by {2 ** (levels - 1)} "
                         f"for the {args.preset} preset's {levels} levels")
+    if ckpt is None and args.dropout is not None:
+        if not 0 <= args.dropout < 1:  # NaN fails this too
+            common.fail(f"--dropout must be in [0, 1), got {args.dropout}")
+        model_config["dropout"] = args.dropout
     data = common.load_dataset(args.dataset, args.data_dir, model_config["image_size"], channels=3)
-    if args.class_cond and ckpt is None:
+    if args.class_cond and ckpt is None and not model_config.get("num_classes"):
         model_config["num_classes"] = data.num_classes
     augment = None if args.no_flip else random_hflip
-    return training.train(args, "cifar", diffusion_cifar, model_config, data, augment=augment, ckpt=ckpt)
+    return training.train(args, "cifar", diffusion_cifar, model_config, data, augment=augment, ckpt=ckpt,
+                          init=init)
 
 
 if __name__ == "__main__":

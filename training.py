@@ -59,10 +59,10 @@ class Trainer:
 
     kind: 'mnist' or 'cifar', stored in the checkpoint. augment: optional function applied to
     each float batch x -> x, such as random flips. ckpt: a checkpoint to resume from (see
-    prepare_args).
+    prepare_args). init: a checkpoint whose EMA weights a new run starts from (--init-from).
     """
 
-    def __init__(self, args, kind, module, model_config, data, augment=None, ckpt=None):
+    def __init__(self, args, kind, module, model_config, data, augment=None, ckpt=None, init=None):
         self.args, self.kind, self.augment = args, kind, augment
         self.module = module
         # stable targets (diffusion.stable_targets): an option of train_diffusion.py only
@@ -84,6 +84,8 @@ class Trainer:
         # checkpoints store the network's own config, defaults included, so that a setting the
         # caller left to its default is stored too
         self.model_config = self.model.config
+        if init is not None:
+            self.start_from(init)
         self.ema = module.EMA(self.model, args.ema_decay, args.ema_power)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         # the EMA weights' process, for validation and sample grids; a self-conditioned network
@@ -127,6 +129,27 @@ class Trainer:
         for p in old:
             if p.is_file():
                 p.unlink()
+
+    def start_from(self, init):
+        """--init-from: the network starts as that model's EMA weights. A class embedding the
+        model lacks (fine-tuning an unconditional model with --class-cond) starts at zero: it is
+        added to the time embedding, so the new network computes exactly what the old one did,
+        for every label, and training teaches it the classes from there."""
+        cfg = init["model_config"]
+        if cfg.get("num_classes") and self.model_config.get("num_classes") != cfg["num_classes"]:
+            fail(f"{self.args.init_from} knows {cfg['num_classes']} classes, the data set has "
+                 f"{self.model_config.get('num_classes')}")
+        missing, unexpected = self.model.load_state_dict(init["ema"]["shadow"], strict=False)
+        added = [k for k in missing if k.startswith("class_embed.")]
+        if unexpected or len(added) != len(missing):
+            fail(f"the weights of {self.args.init_from} do not fit its model config "
+                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            for k in added:
+                self.model.get_parameter(k).zero_()
+        if self.main_proc:
+            print(f"starting from the weights of {self.args.init_from}"
+                  + (", with a new class embedding at zero" if added else ""))
 
     def restore(self, ckpt):
         """Load weights, EMA, optimizer, counters and random state from a checkpoint."""
@@ -491,10 +514,10 @@ class Trainer:
             raise SystemExit(130)
 
 
-def train(args, kind, module, model_config, data, augment=None, ckpt=None):
+def train(args, kind, module, model_config, data, augment=None, ckpt=None, init=None):
     """Train `module`.DiffusionModel(**model_config) on `data`; write checkpoints and pictures.
     Returns the Trainer: its .state (counters), .model and .ema."""
-    trainer = Trainer(args, kind, module, model_config, data, augment, ckpt)
+    trainer = Trainer(args, kind, module, model_config, data, augment, ckpt, init)
     # Ctrl-C (SIGINT) and SIGTERM (kill, job schedulers) ask the loop to stop after the
     # current step, so last.pt is consistent and --resume continues exactly
     handlers = {}

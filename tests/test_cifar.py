@@ -142,6 +142,14 @@ def test_cifar_training_end_to_end_and_resume(cifar_dir):
     import train_diffusion
     with pytest.raises(SystemExit, match="use train_diffusion_cifar.py"):
         train_diffusion.main(train_diffusion.parse_args(["--resume", str(out / "last.pt")]))
+    # fine-tuning it (--init-from) into a class-conditional model without dropout: the network
+    # is the checkpoint's, its new class embedding starts at zero
+    tuned = train_diffusion_cifar.main(cifar_args(cifar_dir, "--init-from", str(out / "last.pt"),
+                                                  "--class-cond", "--dropout", "0", "--max-steps", "1",
+                                                  out="tuned"))
+    cfg = torch.load(cifar_dir / "tuned" / "last.pt", weights_only=True)["model_config"]
+    assert cfg == {**ckpt["model_config"], "num_classes": 10, "dropout": 0.0}
+    assert tuned.state["step"] == 1 and tuned.model.class_embed.weight.abs().max() < 1e-2
 
 
 def test_recipes_set_the_defaults_and_flags_override_them():

@@ -14,6 +14,7 @@ import optimizers
 import training
 import diffusion
 import diffusion_cifar
+import export
 import train_diffusion
 from helpers import tiny_mnist_args, write_idx, write_image_folder, write_mnist
 
@@ -223,6 +224,47 @@ def test_missing_data_offline_gives_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
     with pytest.raises(SystemExit, match=r"(?s)mnist \(train split\) is not in .*MNIST/raw"):
         run(tmp_path, "--epochs", "1")
+
+
+def test_init_from_starts_a_new_run_from_a_models_weights(mnist_dir):
+    """--init-from (fine-tuning): a fresh run that keeps the given model's network and process,
+    from a checkpoint or a weights-only file. With --class-cond an unconditional model gains a
+    class embedding at zero, so the run starts from exactly that model, for every label."""
+    run(mnist_dir, "--max-steps", "3", "--recipe", "ddpm", "--self-cond", "--schedule", "linear", out="base")
+    base = torch.load(mnist_dir / "base" / "last.pt", weights_only=True)
+    common.save_checkpoint(export.weights_only(base, torch.float32), mnist_dir / "base.pt")
+    # a learning rate of 1e-30 leaves the weights as they were after its one step
+    args = train_diffusion.parse_args([*TINY, "--data-dir", str(mnist_dir / "data"), "--out-dir",
+                                       str(mnist_dir / "ft"), "--init-from", str(mnist_dir / "base.pt"),
+                                       "--class-cond", "--max-steps", "1", "--lr", "1e-30"])
+    trainer = train_diffusion.main(args)
+    assert trainer.state["step"] == 1  # fresh counters
+    ckpt = torch.load(mnist_dir / "ft" / "last.pt", weights_only=True)
+    assert ckpt["diffusion"] == base["diffusion"]  # linear, eps: not this recipe's cosine, v
+    assert ckpt["model_config"] == {**base["model_config"], "num_classes": 10}
+    assert ckpt["args"]["self_cond"] is True and ckpt["args"]["recipe"] == "fast"
+    old, _, _ = common.model_from_checkpoint(base, "cpu")
+    x, t = torch.randn(11, 1, 28, 28), torch.randint(0, 50, (11,))
+    x0_self = torch.randn_like(x)
+    with torch.no_grad():
+        want = old(x, t, None, x0_self)
+        got = trainer.model.eval()(x, t, torch.arange(-1, 10), x0_self)  # the null class and 0..9
+    assert torch.allclose(got, want, atol=1e-6)
+
+    # the fine-tuned run resumes like any other; a contradicting flag or both starts are refused
+    state = train_diffusion.main(train_diffusion.parse_args(
+        ["--resume", str(mnist_dir / "ft" / "last.pt"), "--max-steps", "2",
+         "--data-dir", str(mnist_dir / "data")])).state
+    assert state["step"] == 2
+    with pytest.raises(SystemExit, match="--prediction eps: a run started from it keeps"):
+        run(mnist_dir, "--init-from", str(mnist_dir / "base.pt"), "--prediction", "v", out="x")
+    with pytest.raises(SystemExit, match="give one of them"):
+        run(mnist_dir, "--init-from", str(mnist_dir / "base.pt"), "--resume",
+            str(mnist_dir / "ft" / "last.pt"), out="ft")
+    common.save_checkpoint({"kind": "cifar", "model_config": {}, "diffusion": {}, "model": {},
+                            "ema": {}}, mnist_dir / "cifar.pt")
+    with pytest.raises(SystemExit, match="train_diffusion_cifar.py"):
+        run(mnist_dir, "--init-from", str(mnist_dir / "cifar.pt"), out="x")
 
 
 def test_bad_checkpoints_are_refused(mnist_dir):
