@@ -135,15 +135,18 @@ class Trainer:
         model lacks (fine-tuning an unconditional model with --class-cond) starts at zero: it is
         added to the time embedding, so the new network computes exactly what the old one did,
         for every label, and training teaches it the classes from there."""
-        cfg = init["model_config"]
-        if cfg.get("num_classes") and self.model_config.get("num_classes") != cfg["num_classes"]:
-            fail(f"{self.args.init_from} knows {cfg['num_classes']} classes, the data set has "
-                 f"{self.model_config.get('num_classes')}")
-        missing, unexpected = self.model.load_state_dict(init["ema"]["shadow"], strict=False)
+        n = init["model_config"].get("num_classes")
+        if n and self.num_classes != n:
+            fail(f"{self.args.init_from} is a model of {n} classes; the data set has "
+                 f"{self.num_classes or 'no'} classes")
+        try:
+            missing, unexpected = self.model.load_state_dict(init["ema"]["shadow"], strict=False)
+        except RuntimeError as e:  # a tensor of the wrong shape
+            missing, unexpected = [str(e).splitlines()[-1].strip()], []
         added = [k for k in missing if k.startswith("class_embed.")]
         if unexpected or len(added) != len(missing):
             fail(f"the weights of {self.args.init_from} do not fit its model config "
-                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+                 f"(missing or wrong: {missing[:2]}, unexpected: {unexpected[:2]})")
         with torch.no_grad():
             for k in added:
                 self.model.get_parameter(k).zero_()

@@ -265,6 +265,10 @@ def test_init_from_starts_a_new_run_from_a_models_weights(mnist_dir):
                             "ema": {}}, mnist_dir / "cifar.pt")
     with pytest.raises(SystemExit, match="train_diffusion_cifar.py"):
         run(mnist_dir, "--init-from", str(mnist_dir / "cifar.pt"), out="x")
+    write_image_folder(mnist_dir / "shapes")  # two classes, not the model's ten
+    with pytest.raises(SystemExit, match="a model of 10 classes; the data set has 2"):
+        run(mnist_dir, "--init-from", str(mnist_dir / "ft" / "last.pt"), "--dataset",
+            str(mnist_dir / "shapes"), out="x")
 
 
 def test_bad_checkpoints_are_refused(mnist_dir):
