@@ -233,7 +233,7 @@ def test_init_from_starts_a_new_run_from_a_models_weights(mnist_dir):
     run(mnist_dir, "--max-steps", "3", "--recipe", "ddpm", "--self-cond", "--schedule", "linear", out="base")
     base = torch.load(mnist_dir / "base" / "last.pt", weights_only=True)
     common.save_checkpoint(export.weights_only(base, torch.float32), mnist_dir / "base.pt")
-    # a learning rate of 1e-30 leaves the weights as they were after its one step
+    # at a learning rate of 1e-30 its one step leaves the weights as they started
     args = train_diffusion.parse_args([*TINY, "--data-dir", str(mnist_dir / "data"), "--out-dir",
                                        str(mnist_dir / "ft"), "--init-from", str(mnist_dir / "base.pt"),
                                        "--class-cond", "--max-steps", "1", "--lr", "1e-30"])
