@@ -233,7 +233,9 @@ def load_init(args, kind):
 def prepare_args(args, kind):
     """Check the arguments. With --resume, every setting comes from the checkpoint except the
     flags the command line gave (args.explicit): those are applied and named, and one that a
-    resumed run cannot change (FIXED_ON_RESUME) is refused. Returns (args, checkpoint or None)."""
+    resumed run cannot change (FIXED_ON_RESUME) is refused. With --init-from, the network and
+    process settings come from that model (load_init), before the checks that depend on them.
+    Returns (args, checkpoint to resume or None, model to start from or None)."""
     ckpt = None
     if args.resume:
         ckpt = common.load_checkpoint(args.resume, kind)
@@ -258,8 +260,9 @@ def prepare_args(args, kind):
         if applied:
             print(f"resuming with the checkpoint's settings, except from the command line: "
                   f"{', '.join(applied)}")
+    init = load_init(args, kind)
     if args.out_dir is None:
         args.out_dir = str(Path(args.resume).parent) if args.resume else DEFAULT_OUT_DIRS[kind]
     check_training_args(args)
     check_out_dir(args)
-    return args, ckpt
+    return args, ckpt, init

@@ -81,8 +81,7 @@ def check_network(args):
 
 
 def main(args):
-    args, ckpt = train_args.prepare_args(args, "mnist")
-    init = train_args.load_init(args, "mnist")
+    args, ckpt, init = train_args.prepare_args(args, "mnist")
     if ckpt is not None or init is not None:
         model_config = dict((ckpt or init)["model_config"])
     else:

@@ -53,12 +53,9 @@ def random_hflip(x, generator=None):
 
 
 def main(args):
-    args, ckpt = train_args.prepare_args(args, "cifar")
-    init = train_args.load_init(args, "cifar")
-    if ckpt is not None:
-        model_config = ckpt["model_config"]
-    elif init is not None:  # fine-tuning: the network of --init-from
-        model_config = dict(init["model_config"])
+    args, ckpt, init = train_args.prepare_args(args, "cifar")
+    if ckpt is not None or init is not None:  # resuming, or fine-tuning: that model's network
+        model_config = dict((ckpt or init)["model_config"])
     else:
         model_config = dict(diffusion_cifar.PRESETS[args.preset], image_size=args.image_size)
         model_config["channel_mult"] = list(model_config["channel_mult"])

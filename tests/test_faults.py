@@ -44,7 +44,7 @@ def test_the_resume_hint_keeps_the_step_and_epoch_budget(mnist):
     state = resume(mnist, mnist / "out" / "last.pt").state  # exactly what the hint prints
     assert state["step"] == 2  # --max-steps 2 came from the checkpoint: nothing more to train
     args = train_diffusion.parse_args(["--resume", str(mnist / "out" / "last.pt")])
-    args, _ = train_diffusion.train_args.prepare_args(args, "mnist")
+    args, _, _ = train_diffusion.train_args.prepare_args(args, "mnist")
     assert (args.epochs, args.max_steps, args.max_minutes) == (3, 2, None)
 
 
@@ -55,7 +55,7 @@ def test_the_resume_hint_keeps_the_time_budget_and_learning_rate(mnist):
     state = resume(mnist, out / "last.pt").state
     assert state["step"] == before["state"]["step"]  # the budget was already used up
     args = train_diffusion.parse_args(["--resume", str(out / "last.pt")])
-    args, _ = train_diffusion.train_args.prepare_args(args, "mnist")
+    args, _, _ = train_diffusion.train_args.prepare_args(args, "mnist")
     assert args.max_minutes == 0.0001 and args.lr_schedule == "cosine"
 
 

@@ -258,6 +258,12 @@ def test_init_from_starts_a_new_run_from_a_models_weights(mnist_dir):
     assert state["step"] == 2
     with pytest.raises(SystemExit, match="--prediction eps: a run started from it keeps"):
         run(mnist_dir, "--init-from", str(mnist_dir / "base.pt"), "--prediction", "v", out="x")
+    # the checks that depend on the process see the model's 50 steps, not the default 1,000
+    no_steps = [a for a in TINY if a not in ("--timesteps", "50")]
+    with pytest.raises(SystemExit, match=r"--sample-steps \(60\) cannot exceed --timesteps \(50\)"):
+        train_diffusion.main(train_diffusion.parse_args(
+            [*no_steps, "--data-dir", str(mnist_dir / "data"), "--out-dir", str(mnist_dir / "x"),
+             "--init-from", str(mnist_dir / "base.pt"), "--sample-steps", "60"]))
     with pytest.raises(SystemExit, match="give one of them"):
         run(mnist_dir, "--init-from", str(mnist_dir / "base.pt"), "--resume",
             str(mnist_dir / "ft" / "last.pt"), out="ft")
